@@ -1,0 +1,178 @@
+"""Autoregressive generation with a KV cache, and the `python -m clara.generate` command line.
+
+    prefill:  the whole (left-padded) prompt in one forward pass, keeping only the last logits
+    decode:   one token per step for every row; finished rows keep emitting the pad token
+
+Rows of a batch share the cache's time axis; left padding lives in the attention mask, and
+positions come from counting real tokens, so a padded batch generates exactly what each prompt
+would alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from clara.decoder import Decoder
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Decoder,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Generate up to `max_new_tokens` for each row; returns the new tokens [B, n] (n <= max_new_tokens).
+
+    The prompt is `input_ids` [B, L] or `inputs_embeds` [B, L, E] (CLaRa's memory vectors), with
+    `attention_mask` [B, L] marking left padding. A row stops at its first token in `stop_ids`
+    (which is kept in the output); after that it is filled with `pad_id`. `on_token` receives the
+    tokens [B] of every step, for streaming.
+    """
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    b, l = prompt.shape[:2]
+    device = model.device
+    if attention_mask is None:
+        attention_mask = torch.ones(b, l, dtype=torch.long, device=device)
+    cache = model.new_cache(b, l + max_new_tokens)
+    out = model(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = sample_next(out.logits[:, -1], temperature, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        new_tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        finished |= torch.isin(token, stop)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=attention_mask.dtype, device=device)], 1)
+        out = model(token[:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+    if not new_tokens:
+        return torch.zeros(b, 0, dtype=torch.long, device=device)
+    return torch.stack(new_tokens, 1)
+
+
+def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def generate_text(
+    model: Decoder,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 128,
+    chat: bool = True,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    system: str | None = None,
+    seed: int | None = None,
+) -> str:
+    """One prompt in, the generated text out (special tokens dropped)."""
+    text = chat_prompt(tokenizer, prompt, system) if chat else prompt
+    ids = torch.tensor([tokenizer.encode(text)], device=model.device)
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   stop_ids=tokenizer.stop_ids(), pad_id=tokenizer.pad_id, generator=generator)
+    return tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m clara.generate",
+        description="Generate text with a base decoder, streaming tokens to stdout as they are produced.",
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="base model: 'smollm2-135m' (embedded), a Hugging Face directory, a hub repo id, or a .gguf file")
+    p.add_argument("--prompt", required=True, help="the prompt text (the user message when --chat is given)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat (default: the template's own, if any)")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 means greedy (default 0)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: nondeterministic)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype (default fp32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps (default cpu)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clara.tokenizer import StreamDecoder
+    from clara.weights import WeightsError, load_base
+
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        print("error: --max_new_tokens must be at least 1", file=sys.stderr)
+        return 2
+    if not 0.0 < args.top_p <= 1.0:
+        print("error: --top_p must be in (0, 1]", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = load_base(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"[clara.generate] loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+    text = chat_prompt(tokenizer, args.prompt, args.system) if args.chat else args.prompt
+    ids = torch.tensor([tokenizer.encode(text)], device=model.device)
+    stream = StreamDecoder(tokenizer)
+    stop = tokenizer.stop_ids()
+
+    def emit(token: torch.Tensor) -> None:
+        tid = int(token[0])
+        if tid not in stop:
+            sys.stdout.write(stream.push(tid))
+            sys.stdout.flush()
+
+    generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
+    t1 = time.perf_counter()
+    new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   stop_ids=stop, pad_id=tokenizer.pad_id, generator=generator, on_token=emit)
+    sys.stdout.write("\n")
+    dt = time.perf_counter() - t1
+    print(f"[clara.generate] {new.shape[1]} tokens in {dt:.2f}s ({new.shape[1] / dt:.1f} tokens/s, "
+          f"prompt {ids.shape[1]} tokens)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
