@@ -1,0 +1,100 @@
+"""BM25 as a retriever on the candidates of stage2 files: recall@1/3/5, precision@1/3/5, MRR.
+
+    python -m data.bm25_baseline FILE [FILE ...] --stage stage2 --out results/bm25
+
+For each row, BM25 ranks that row's own candidates (`docs`) for its question, and the ranking is
+scored against `pos_index` with `data.metrics.retrieval_scores` - the same candidates and the
+same metrics the end-to-end model is judged on. The BM25 statistics (document frequencies,
+average length) come from all distinct candidate texts of the file, not from the 20 candidates
+of one row alone, which would make idf meaningless. Candidates with equal scores keep their
+order in the row, whose positions were shuffled by the converters, so ties are not in BM25's
+favour. Writes PREFIX.json and PREFIX.md atomically and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from data.atomic import atomic_write_json, atomic_write_text
+from data.bm25 import BM25Index
+from data.formats import Stage2Example, ValidationError, read_stage_file
+from data.metrics import RETRIEVAL_KS, retrieval_scores
+
+BASELINE_STAGES = ("stage2", "stage2_pretrain_retrieval")
+
+
+def bm25_rankings(examples: Sequence[Stage2Example], k1: float = 1.2, b: float = 0.75) -> list[list[int]]:
+    """For each example, its candidate positions ordered by BM25 score (best first)."""
+    doc_of_text: dict[str, int] = {}
+    for example in examples:
+        for text in example.docs:
+            doc_of_text.setdefault(text, len(doc_of_text))
+    index = BM25Index(list(doc_of_text), k1, b)
+    rankings = []
+    for example in examples:
+        scores = index.scores(example.question)
+        candidate_scores = [scores[doc_of_text[text]] for text in example.docs]
+        rankings.append(sorted(range(len(example.docs)), key=lambda i: -candidate_scores[i]))
+    return rankings
+
+
+def evaluate_file(path: str, stage: str, k1: float = 1.2, b: float = 0.75) -> dict[str, Any]:
+    """Read a stage2 file and return its BM25 retrieval metrics (and what they were computed on)."""
+    examples = read_stage_file(path, stage)
+    missing = [i + 1 for i, example in enumerate(examples) if not example.pos_index]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} rows have no pos_index (first: row {missing[0]}); "
+                         "retrieval metrics need the positives")
+    metrics = retrieval_scores(bm25_rankings(examples, k1, b), [example.pos_index for example in examples])
+    candidates = [len(example.docs) for example in examples]
+    return {"file": path, "stage": stage, "k1": k1, "b": b, "queries": len(examples),
+            "candidates_mean": sum(candidates) / len(candidates), "metrics": metrics}
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    columns = [f"recall@{k}" for k in RETRIEVAL_KS] + [f"precision@{k}" for k in RETRIEVAL_KS] + ["mrr"]
+    lines = ["| file | queries | candidates | " + " | ".join(columns) + " |",
+             "|---|---:|---:|" + "---:|" * len(columns)]
+    for result in results:
+        values = " | ".join(f"{result['metrics'][column]:.4f}" for column in columns)
+        lines.append(f"| {result['file']} | {result['queries']} | {result['candidates_mean']:.1f} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.bm25_baseline",
+        description="BM25 retrieval baseline on the candidates of stage2 files "
+                    "(recall@1/3/5, precision@1/3/5, MRR against pos_index).")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="stage2 JSONL file(s) with pos_index")
+    parser.add_argument("--stage", choices=BASELINE_STAGES, default="stage2",
+                        help="layout to read the files as (both use the stage2 layout)")
+    parser.add_argument("--out", default=None,
+                        help="write PREFIX.json and PREFIX.md (default: bm25_baseline in the "
+                             "current folder)")
+    parser.add_argument("--k1", type=float, default=1.2, help="BM25 term-frequency saturation")
+    parser.add_argument("--b", type=float, default=0.75, help="BM25 length normalisation")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = [evaluate_file(path, args.stage, args.k1, args.b) for path in args.files]
+    except (ValidationError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    prefix = Path(args.out if args.out is not None else "bm25_baseline")
+    table = markdown_table(results)
+    atomic_write_json(prefix.with_name(prefix.name + ".json"), results)
+    atomic_write_text(prefix.with_name(prefix.name + ".md"), table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""The stage JSONL formats of CLaRa training, read and written as typed examples.
+
+One JSON object per line. The layouts follow the official release (apple/ml-clara), whose loader
+accepts several names for the same field; we accept the same names:
+
+| stage | layout | example class |
+|---|---|---|
+| stage1 (compression pretraining) | `{data_type: qa or paraphrase, question: [q..], answers: [a..], docs: [doc..]}` | `Stage1Example` |
+| stage1_2 (instruction tuning) | `{question, docs: [k docs], answer and/or gold_answer}` | `Stage1_2Example` |
+| stage2, stage2_pretrain_retrieval (end to end) | `{question, docs: [N candidates], answer and/or gold_answer, pos_index: [i..]}` | `Stage2Example` |
+
+Field names accepted:
+- documents: `docs`, `context` or `content` (exactly one of them; a list of non-empty strings);
+- stage1 answers: `answers`, `golden_answers`, `gold_answer` or `answer` (the first present;
+  a list, one answer per question; a bare string counts as a one-item list, as does a bare
+  string `question`);
+- stage1_2 / stage2: `answer` is the generation target; `gold_answer`, `golden_answers` and
+  `answers` (a string or a list of strings) are reference answers for scoring. Each example
+  keeps the target (`answer`: the `answer` field, else the first reference) and every
+  reference (`gold_answers`: all references in field order, else the target alone).
+- `pos_index`: the indices of the positive candidates; required for stage2_pretrain_retrieval,
+  optional for stage2 (the official end-to-end example files have none), never empty when given.
+- `id`: optional, a string or an integer, kept as a string (our converters write it).
+Any other field is ignored, as the official loader does.
+
+Document counts: stage1 and stage1_2 rows must hold exactly `top_k` documents when a top_k is
+given, and otherwise the same number on every row (the collator stacks them per batch); stage2
+rows need at least `top_k` candidates to select from.
+
+Every problem is reported with the file, the line number and the field, e.g.
+`train.jsonl:12: pos_index[0]: 7 is out of range for 5 docs (0..4)`; a file is read to the end so
+that all of its problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from data.atomic import atomic_write_jsonl
+
+STAGES = ("stage1", "stage1_2", "stage2", "stage2_pretrain_retrieval")
+DATA_TYPES = ("qa", "paraphrase")
+DOC_FIELDS = ("docs", "context", "content")
+STAGE1_ANSWER_FIELDS = ("answers", "golden_answers", "gold_answer", "answer")
+REFERENCE_FIELDS = ("gold_answer", "golden_answers", "answers")
+ROW_FIELD = "<row>"  # the field name used for problems with a whole line
+FILE_FIELD = "<file>"  # ... and with the whole file
+MAX_PROBLEMS_IN_MESSAGE = 100
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a stage file: where it is (file, line, field) and what it is."""
+
+    path: str
+    line: int | None  # 1-based; None for problems with the whole file
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        return f"{where}: {self.field}: {self.message}"
+
+
+class ValidationError(ValueError):
+    """Raised by the readers and writers with every problem found (see `.problems`)."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        shown = [str(problem) for problem in self.problems[:MAX_PROBLEMS_IN_MESSAGE]]
+        hidden = len(self.problems) - len(shown)
+        if hidden:
+            shown.append(f"... and {hidden} more (python -m data.validate lists them all)")
+        noun = "problem" if len(self.problems) == 1 else "problems"
+        super().__init__(f"{len(self.problems)} {noun}:\n" + "\n".join(shown))
+
+
+@dataclass(frozen=True)
+class Stage1Example:
+    """Compression pretraining: one or more documents and QA pairs (or a paraphrase) about them."""
+
+    data_type: str  # "qa": answer each question from the memory; "paraphrase": restate the docs
+    questions: tuple[str, ...]  # empty for paraphrase rows
+    answers: tuple[str, ...]  # one per question for "qa"; answers[0] is the target for "paraphrase"
+    docs: tuple[str, ...]
+    id: str | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"data_type": self.data_type, "question": list(self.questions),
+                               "answers": list(self.answers), "docs": list(self.docs)}
+        if self.id is not None:
+            row["id"] = self.id
+        return row
+
+
+@dataclass(frozen=True)
+class Stage1_2Example:
+    """Instruction tuning: a question, its k documents, the target answer and the references."""
+
+    question: str
+    docs: tuple[str, ...]
+    answer: str  # the generation target
+    gold_answers: tuple[str, ...]  # every accepted answer, for scoring
+    id: str | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"question": self.question, "docs": list(self.docs),
+                               "answer": self.answer, "golden_answers": list(self.gold_answers)}
+        if self.id is not None:
+            row["id"] = self.id
+        return row
+
+
+@dataclass(frozen=True)
+class Stage2Example:
+    """End to end: a question, N candidate documents, which of them are positive, the answer."""
+
+    question: str
+    docs: tuple[str, ...]  # the N candidates the query reasoner selects top-k from
+    answer: str
+    gold_answers: tuple[str, ...]
+    pos_index: tuple[int, ...] = field(default=())  # empty when the file gives none (stage2 only)
+    id: str | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"question": self.question, "docs": list(self.docs),
+                               "answer": self.answer, "golden_answers": list(self.gold_answers)}
+        if self.pos_index:
+            row["pos_index"] = list(self.pos_index)
+        if self.id is not None:
+            row["id"] = self.id
+        return row
+
+
+Example = Union[Stage1Example, Stage1_2Example, Stage2Example]
+EXAMPLE_CLASS = {"stage1": Stage1Example, "stage1_2": Stage1_2Example,
+                 "stage2": Stage2Example, "stage2_pretrain_retrieval": Stage2Example}
+
+
+def check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+def json_type_name(value: Any) -> str:
+    """The JSON name of a Python value's type, as used in messages ("got array")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+class _RowChecker:
+    """Collects the problems of one row while its fields are converted."""
+
+    def __init__(self, path: str, line: int | None):
+        self.path, self.line = path, line
+        self.problems: list[Problem] = []
+
+    def add(self, field_name: str, message: str) -> None:
+        self.problems.append(Problem(self.path, self.line, field_name, message))
+
+    def string(self, value: Any, field_name: str) -> str | None:
+        """A non-empty string, or None after recording why not."""
+        if not isinstance(value, str):
+            self.add(field_name, f"expected a string, got {json_type_name(value)}")
+            return None
+        if not value.strip():
+            self.add(field_name, "empty string")
+            return None
+        return value
+
+    def string_list(self, value: Any, field_name: str, *, bare_string_ok: bool,
+                    empty_ok: bool = False) -> tuple[str, ...] | None:
+        """A list of non-empty strings (a bare string as a one-item list if allowed)."""
+        if isinstance(value, str) and bare_string_ok:
+            item = self.string(value, field_name)
+            return None if item is None else (item,)
+        if not isinstance(value, list):
+            expected = "a string or a list of strings" if bare_string_ok else "a list of strings"
+            self.add(field_name, f"expected {expected}, got {json_type_name(value)}")
+            return None
+        if not value and not empty_ok:
+            self.add(field_name, "empty list")
+            return None
+        items = [self.string(item, f"{field_name}[{i}]") for i, item in enumerate(value)]
+        return None if any(item is None for item in items) else tuple(items)
+
+    def docs(self, row: dict[str, Any]) -> tuple[str, ...] | None:
+        present = [name for name in DOC_FIELDS if name in row]
+        if not present:
+            self.add("docs", "missing (also accepted: context, content)")
+            return None
+        for extra in present[1:]:
+            self.add(extra, f"given together with {present[0]!r}; keep only one document field")
+        return self.string_list(row[present[0]], present[0], bare_string_ok=False)
+
+    def row_id(self, row: dict[str, Any]) -> str | None:
+        value = row.get("id")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            self.add("id", f"expected a string or an integer, got {json_type_name(value)}")
+            return None
+        return str(value)
+
+
+def _parse_stage1(row: dict[str, Any], check: _RowChecker) -> Stage1Example | None:
+    data_type = row.get("data_type", "qa")  # the official loader's default
+    if not isinstance(data_type, str):
+        check.add("data_type", f"expected a string, got {json_type_name(data_type)}")
+        data_type = None
+    elif data_type not in DATA_TYPES:
+        check.add("data_type", f"{data_type!r} is not one of 'qa', 'paraphrase'")
+        data_type = None
+    docs = check.docs(row)
+
+    answer_field = next((name for name in STAGE1_ANSWER_FIELDS if name in row), None)
+    answers = None
+    if answer_field is None:
+        check.add("answers", "missing (also accepted: golden_answers, gold_answer, answer)")
+    else:
+        answers = check.string_list(row[answer_field], answer_field, bare_string_ok=True)
+
+    questions: tuple[str, ...] | None = ()
+    if data_type == "paraphrase":
+        # Paraphrase rows restate the documents; the official loader ignores any question.
+        value = row.get("question", [])
+        if value not in ("", []):
+            questions = check.string_list(value, "question", bare_string_ok=True)
+    elif "question" not in row:
+        check.add("question", "missing")
+        questions = None
+    else:
+        questions = check.string_list(row["question"], "question", bare_string_ok=True)
+        if questions is not None and answers is not None and len(questions) != len(answers):
+            check.add(answer_field, f"{len(answers)} answers for {len(questions)} questions")
+    row_id = check.row_id(row)
+    if check.problems:
+        return None
+    return Stage1Example(data_type, questions, answers, docs, row_id)
+
+
+def _parse_answers(row: dict[str, Any], check: _RowChecker) -> tuple[str | None, tuple[str, ...] | None]:
+    """The generation target and every reference answer of a stage1_2/stage2 row."""
+    target = check.string(row["answer"], "answer") if "answer" in row else None
+    references: list[str] = []
+    for name in REFERENCE_FIELDS:
+        if name in row:
+            values = check.string_list(row[name], name, bare_string_ok=True)
+            references.extend(value for value in values or () if value not in references)
+    if "answer" not in row and not any(name in row for name in REFERENCE_FIELDS):
+        check.add("answer", "missing (also accepted: gold_answer, golden_answers, answers)")
+        return None, None
+    if target is None and not references:
+        return None, None
+    target = target if target is not None else references[0]
+    return target, tuple(references) if references else (target,)
+
+
+def _parse_pos_index(value: Any, n_docs: int | None, check: _RowChecker) -> tuple[int, ...] | None:
+    if not isinstance(value, list):
+        check.add("pos_index", f"expected a list of integers, got {json_type_name(value)}")
+        return None
+    if not value:
+        check.add("pos_index", "empty list (a row needs at least one positive candidate)")
+        return None
+    seen: set[int] = set()
+    ok = True
+    for i, item in enumerate(value):
+        name = f"pos_index[{i}]"
+        if isinstance(item, bool) or not isinstance(item, int):
+            check.add(name, f"expected an integer, got {json_type_name(item)}")
+            ok = False
+        elif n_docs is not None and not 0 <= item < n_docs:
+            check.add(name, f"{item} is out of range for {n_docs} docs (0..{n_docs - 1})")
+            ok = False
+        elif item in seen:
+            check.add(name, f"{item} repeats an earlier entry")
+            ok = False
+        else:
+            seen.add(item)
+    return tuple(value) if ok else None
+
+
+def _parse_question_row(row: dict[str, Any], stage: str, check: _RowChecker) -> Example | None:
+    question = None
+    if "question" not in row:
+        check.add("question", "missing")
+    elif isinstance(row["question"], list):
+        # The usual cause is a stage1 file read as another stage: say so.
+        check.add("question", f"expected a string, got array (a list of questions is the stage1 "
+                              f"layout; is --stage {stage} right?)")
+    else:
+        question = check.string(row["question"], "question")
+    docs = check.docs(row)
+    answer, references = _parse_answers(row, check)
+    pos_index: tuple[int, ...] | None = ()
+    if stage != "stage1_2":
+        if "pos_index" in row:
+            pos_index = _parse_pos_index(row["pos_index"], len(docs) if docs else None, check)
+        elif stage == "stage2_pretrain_retrieval":
+            check.add("pos_index", "missing (required for stage2_pretrain_retrieval)")
+    row_id = check.row_id(row)
+    if check.problems:
+        return None
+    if stage == "stage1_2":
+        return Stage1_2Example(question, docs, answer, references, row_id)
+    return Stage2Example(question, docs, answer, references, pos_index, row_id)
+
+
+def parse_stage_row(row: Any, stage: str, path: str = "<row>", line: int | None = None
+                    ) -> tuple[Example | None, list[Problem]]:
+    """Convert one decoded JSON value to its stage's example; (None, problems) when it is invalid.
+
+    Document-count rules that involve `top_k` or other rows are checked by `validate_rows`.
+    """
+    check_stage(stage)
+    check = _RowChecker(path, line)
+    if not isinstance(row, dict):
+        check.add(ROW_FIELD, f"expected a JSON object, got {json_type_name(row)}")
+        return None, check.problems
+    if stage == "stage1":
+        example = _parse_stage1(row, check)
+    else:
+        example = _parse_question_row(row, stage, check)
+    return example, check.problems
+
+
+def _count_problem(example: Example, stage: str, top_k: int | None,
+                   first: tuple[int, int] | None) -> str | None:
+    """Why this row's number of documents is wrong, or None. `first` = (line, count) of row one."""
+    n_docs = len(example.docs)
+    if stage in ("stage1", "stage1_2"):
+        if top_k is not None and n_docs != top_k:
+            return f"{n_docs} documents, expected --top_k {top_k}"
+        if top_k is None and first is not None and n_docs != first[1]:
+            return (f"{n_docs} documents, but line {first[0]} has {first[1]} "
+                    "(every row needs the same number; --top_k checks a given value)")
+    elif top_k is not None and n_docs < top_k:
+        return f"{n_docs} candidates, fewer than --top_k {top_k}"
+    return None
+
+
+def validate_rows(rows: Iterable[tuple[int, Any]], stage: str, path: str, top_k: int | None = None
+                  ) -> tuple[list[Example], list[Problem]]:
+    """Parse decoded rows given as (line number, value); return the valid examples and all problems."""
+    check_stage(stage)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    first: tuple[int, int] | None = None
+    for line, value in rows:
+        example, row_problems = parse_stage_row(value, stage, path, line)
+        problems.extend(row_problems)
+        if example is None:
+            continue
+        message = _count_problem(example, stage, top_k, first)
+        if message is not None:
+            problems.append(Problem(path, line, _docs_field_name(value), message))
+            continue
+        if first is None:
+            first = (line, len(example.docs))
+        examples.append(example)
+    return examples, problems
+
+
+def _docs_field_name(row: dict[str, Any]) -> str:
+    return next((name for name in DOC_FIELDS if name in row), "docs")
+
+
+def _decoded_lines(path: str, problems: list[Problem]) -> Iterable[tuple[int, Any]]:
+    """Yield (line number, JSON value) for each non-blank line, recording undecodable lines."""
+    with open(path, "rb") as stream:
+        for line_number, raw in enumerate(stream, start=1):
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark written by some editors
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                problems.append(Problem(path, line_number, ROW_FIELD,
+                                        f"not valid UTF-8 (byte {error.start + 1} of the line)"))
+                continue
+            try:
+                yield line_number, json.loads(text)
+            except json.JSONDecodeError as error:
+                problems.append(Problem(path, line_number, ROW_FIELD,
+                                        f"invalid JSON: {error.msg} (column {error.colno})"))
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """What `validate_stage_file` found: the valid examples, every problem, the rows read."""
+
+    examples: list[Example]
+    problems: list[Problem]
+    n_rows: int  # non-blank lines
+
+
+def validate_stage_file(path: str | os.PathLike, stage: str, top_k: int | None = None) -> FileReport:
+    """Read a whole stage file and report every problem in it (never raises for bad content)."""
+    check_stage(stage)
+    path = os.fspath(path)
+    decode_problems: list[Problem] = []
+    try:
+        lines = list(_decoded_lines(path, decode_problems))
+    except OSError as error:
+        return FileReport([], [Problem(path, None, FILE_FIELD, f"cannot read: {error.strerror}")], 0)
+    examples, row_problems = validate_rows(lines, stage, path, top_k)
+    n_rows = len(lines) + len(decode_problems)
+    # Stable sort: file order, and within a line the order the fields were checked in.
+    problems = sorted(decode_problems + row_problems, key=lambda problem: problem.line or 0)
+    if n_rows == 0:
+        problems.append(Problem(path, None, FILE_FIELD, "no rows"))
+    return FileReport(examples, problems, n_rows)
+
+
+def read_stage_file(path: str | os.PathLike, stage: str, top_k: int | None = None) -> list[Example]:
+    """Read a stage file into examples; raise ValidationError listing every problem if any."""
+    report = validate_stage_file(path, stage, top_k)
+    if report.problems:
+        raise ValidationError(report.problems)
+    return report.examples
+
+
+def write_stage_file(path: str | os.PathLike, examples: Iterable[Example], stage: str,
+                     top_k: int | None = None) -> int:
+    """Validate `examples` as `stage` rows, then write them atomically; return the row count.
+
+    Nothing is written when any example is invalid: the ValidationError names the line each
+    example would have had.
+    """
+    check_stage(stage)
+    path = os.fspath(path)
+    expected_class = EXAMPLE_CLASS[stage]
+    rows: list[dict[str, Any]] = []
+    problems: list[Problem] = []
+    for index, example in enumerate(examples):
+        if not isinstance(example, expected_class):
+            problems.append(Problem(path, index + 1, ROW_FIELD,
+                                    f"{type(example).__name__} is not a {stage} example "
+                                    f"(expected {expected_class.__name__})"))
+            continue
+        rows.append(example.to_json_dict())
+    if not problems:
+        _, problems = validate_rows(enumerate(rows, start=1), stage, path, top_k)
+    if not rows and not problems:
+        problems.append(Problem(path, None, FILE_FIELD, "no rows to write"))
+    if problems:
+        raise ValidationError(problems)
+    return atomic_write_jsonl(path, rows)

@@ -1,0 +1,287 @@
+"""MedQuAD question-answer pairs -> stage1, stage1_2 and stage2 JSONL files, with train/dev splits.
+
+    python -m data.medquad --input ../shared/data/medquad/medquad_qa.jsonl --out_dir out/medquad
+
+Input: JSONL, one `{id, source, url, focus, qtype, question, answer}` per line (NIH pages; the
+answer is a whole passage). `question` and `answer` are required; a record without a focus uses
+its url as its topic; a question whose template lost its topic ("What is (are)  ?") is dropped. The answers are the documents: each distinct answer text (after
+--max_doc_words) is one document, shared by every question it answers.
+
+What is written:
+- stage1: the answers of one topic (same source and focus) are packed, in file order, into
+  documents of at most --max_doc_words words (a passage that does not fit starts the next
+  document; 0 keeps one passage per document). Each document gives one QA row whose questions
+  are all the topic's questions answered by a passage in it (a repeated question kept once) and
+  whose answers are those passages - so several short answers of one topic make a multi-QA row.
+- stage1_2: one row per distinct (question, answer) pair: its passage and the --top_k - 1
+  passages BM25 ranks highest for the question among the other answers (hard distractors),
+  shuffled with a seed per row. answer = golden_answers = the passage.
+- stage2: one row per distinct question (case and spacing ignored): every passage that answers
+  that question anywhere in the input is a positive (MedQuAD repeats some questions across
+  sources; up to --num_candidates // 2 positives), and the best BM25 matches among the other
+  passages fill the row up to --num_candidates; shuffled with a seed per row; pos_index = the
+  positives' places. answer = the row's own passage, golden_answers = every positive passage.
+Splits: whole topics go to dev (--dev_fraction of the topics, --seed), so a dev question's topic
+is never trained on (a passage repeated word for word across topics, such as NCI's clinical-trials
+boilerplate, can still occur on both sides); BM25 negatives come from all passages of both splits.
+Row ids are `line<N>`, the input line of the first record behind the row (MedQuAD's own ids
+repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data.bm25 import BM25Index
+from data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
+    write_outputs
+from data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
+
+REQUIRED_FIELDS = ("question", "answer")
+# A question template whose topic slot was left empty in the source ("What is (are)  ?",
+# "Who is at risk for ? ?"): such a question asks nothing, so it is dropped (and counted).
+TEMPLATE_HOLE = re.compile(r"\s{2}\?|\bfor \?")
+
+
+@dataclass(frozen=True)
+class MedQuADRecord:
+    line: int  # 1-based line in the input file: a unique id
+    source: str
+    focus: str  # the topic; the page URL stands in where the source left it empty
+    question: str
+    answer: str
+
+    @property
+    def topic(self) -> str:
+        return f"{self.source}\t{self.focus}"
+
+    @property
+    def question_key(self) -> str:
+        return " ".join(self.question.casefold().split())
+
+
+@dataclass(frozen=True)
+class MedQuADSettings:
+    top_k: int = 5  # documents per stage1_2 row
+    num_candidates: int = 20  # candidates per stage2 row
+    dev_fraction: float = 0.1
+    seed: int = 0
+    max_doc_words: int = 200  # ~ what a 256-token compressor input holds; 0 keeps passages whole
+    k1: float = 1.2
+    b: float = 0.75
+
+    def check(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.num_candidates < max(2, self.top_k):
+            raise ValueError(f"num_candidates must be at least max(2, top_k={self.top_k}), "
+                             f"got {self.num_candidates}")
+        if self.max_doc_words < 0:
+            raise ValueError(f"max_doc_words must be >= 0, got {self.max_doc_words}")
+
+
+def load_medquad(path: str | Path, max_rows: int | None = None) -> list[MedQuADRecord]:
+    """Records of a MedQuAD JSONL file; one ValidationError lists every bad line and field."""
+    path = str(path)
+    records: list[MedQuADRecord] = []
+    problems: list[Problem] = []
+    with open(path, encoding="utf-8") as stream:
+        for line_number, text in enumerate(stream, start=1):
+            if max_rows is not None and len(records) >= max_rows:
+                break
+            if not text.strip():
+                continue
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as error:
+                problems.append(Problem(path, line_number, "<row>",
+                                        f"invalid JSON: {error.msg} (column {error.colno})"))
+                continue
+            if not isinstance(raw, dict):
+                problems.append(Problem(path, line_number, "<row>", "expected a JSON object"))
+                continue
+            bad = [name for name in REQUIRED_FIELDS
+                   if not isinstance(raw.get(name), str) or not raw[name].strip()]
+            for name in bad:
+                problems.append(Problem(path, line_number, name, "missing or not a non-empty string"))
+            optional = {name: raw.get(name, "") for name in ("source", "focus", "url")}
+            for name, value in optional.items():
+                if not isinstance(value, str):
+                    problems.append(Problem(path, line_number, name, "expected a string"))
+                    bad.append(name)
+            if not bad:
+                topic = optional["focus"].strip() or optional["url"].strip() or f"line{line_number}"
+                records.append(MedQuADRecord(line_number, optional["source"].strip(), topic,
+                                             raw["question"].strip(), raw["answer"].strip()))
+    if not records and not problems:
+        problems.append(Problem(path, None, "<file>", "no records"))
+    if problems:
+        raise ValidationError(problems)
+    return records
+
+
+def pack_passages(doc_ids: Sequence[int], words: Sequence[int], budget: int) -> list[list[int]]:
+    """Greedy packing in order: a passage joins the current pack while the total stays <= budget."""
+    packs: list[list[int]] = []
+    total = 0
+    for doc_id in doc_ids:
+        if packs and budget > 0 and total + words[doc_id] <= budget:
+            packs[-1].append(doc_id)
+            total += words[doc_id]
+        else:
+            packs.append([doc_id])
+            total = words[doc_id]
+    return packs
+
+
+def convert_medquad(records: Sequence[MedQuADRecord], settings: MedQuADSettings) -> StageOutputs:
+    """All stage rows for `records` (see the module docstring for what each holds)."""
+    settings.check()
+    outputs = StageOutputs()
+    kept = [record for record in records if not TEMPLATE_HOLE.search(record.question)]
+    outputs.count("records_dropped_empty_template", len(records) - len(kept))
+    records = kept
+
+    # Documents: distinct (capped) answer texts.
+    doc_of_text: dict[str, int] = {}
+    doc_texts: list[str] = []
+    record_doc: list[int] = []
+    for record in records:
+        text = cap_words(record.answer, settings.max_doc_words)
+        if text not in doc_of_text:
+            doc_of_text[text] = len(doc_texts)
+            doc_texts.append(text)
+        record_doc.append(doc_of_text[text])
+    if len(doc_texts) < settings.num_candidates:
+        raise ValueError(f"{len(doc_texts)} distinct answers cannot fill {settings.num_candidates} "
+                         "stage2 candidates; lower --num_candidates or use more rows")
+    doc_words = [word_count(text) for text in doc_texts]
+    outputs.count("documents", len(doc_texts))
+
+    positives: dict[str, list[int]] = {}
+    for record, doc in zip(records, record_doc):
+        docs = positives.setdefault(record.question_key, [])
+        if doc not in docs:
+            docs.append(doc)
+    max_positives = settings.num_candidates // 2
+
+    topics: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        topics.setdefault(record.topic, []).append(index)
+    dev = dev_keys(list(topics), settings.dev_fraction, settings.seed)
+    outputs.count("topics_dev", len(dev))
+    outputs.count("topics_train", len(topics) - len(dev))
+
+    # stage1: packed passages of one topic, with every question they answer.
+    outputs.count("stage1_repeated_questions_dropped", 0)  # listed in the summary even when 0
+    for topic, members in topics.items():
+        split = "dev" if topic in dev else "train"
+        topic_docs = list(dict.fromkeys(record_doc[i] for i in members))
+        for pack in pack_passages(topic_docs, doc_words, settings.max_doc_words):
+            in_pack = set(pack)
+            questions, answers, seen = [], [], set()
+            qa_records = [i for i in members if record_doc[i] in in_pack]
+            for i in qa_records:
+                if records[i].question_key in seen:
+                    outputs.count("stage1_repeated_questions_dropped")
+                    continue
+                seen.add(records[i].question_key)
+                questions.append(records[i].question)
+                answers.append(doc_texts[record_doc[i]])
+            document = "\n".join(doc_texts[doc] for doc in pack)
+            outputs.add("stage1", split, Stage1Example(
+                "qa", tuple(questions), tuple(answers), (document,), f"line{records[qa_records[0]].line}"))
+
+    # stage1_2 and stage2: BM25 negatives, computed once per distinct question.
+    index = BM25Index(doc_texts, settings.k1, settings.b)
+    negatives_of: dict[str, list[int]] = {}
+    done_pairs: set[tuple[str, str, int]] = set()
+    done_questions: set[tuple[str, str]] = set()
+    for record, doc in zip(records, record_doc):
+        split = "dev" if record.topic in dev else "train"
+        key = record.question_key
+        row_positives = positives[key][:max_positives]
+        if key not in negatives_of:
+            wanted = max(settings.num_candidates - len(row_positives), settings.top_k - 1)
+            negatives_of[key] = index.top_k(record.question, wanted, exclude=positives[key])
+        negatives = negatives_of[key]
+
+        if (split, key, doc) not in done_pairs:
+            done_pairs.add((split, key, doc))
+            docs, _ = place_among([doc_texts[doc]], [doc_texts[j] for j in negatives[: settings.top_k - 1]],
+                                  seeded_rng(settings.seed, f"stage1_2:{record.line}"))
+            outputs.add("stage1_2", split, Stage1_2Example(
+                record.question, tuple(docs), doc_texts[doc], (doc_texts[doc],), f"line{record.line}"))
+
+        if (split, key) not in done_questions:
+            done_questions.add((split, key))
+            if doc not in row_positives:  # its own passage always counts, even past the cap
+                row_positives = [doc] + row_positives[:-1]
+            golds = [doc_texts[doc]] + [doc_texts[j] for j in row_positives if j != doc]
+            fill = settings.num_candidates - len(row_positives)
+            docs, pos_index = place_among([doc_texts[j] for j in row_positives],
+                                          [doc_texts[j] for j in negatives[:fill]],
+                                          seeded_rng(settings.seed, f"stage2:{record.line}"))
+            outputs.add("stage2", split, Stage2Example(
+                record.question, tuple(docs), doc_texts[doc], tuple(golds), tuple(pos_index),
+                f"line{record.line}"))
+            outputs.count("stage2_multi_positive_rows", len(row_positives) > 1)
+    return outputs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.medquad",
+        description="Convert MedQuAD to CLaRa stage1 / stage1_2 / stage2 JSONL files with "
+                    "deterministic train/dev splits (by topic). See the module docstring.")
+    parser.add_argument("--input", required=True, help="MedQuAD JSONL (id, source, focus, qtype, "
+                                                       "question, answer per line)")
+    parser.add_argument("--out_dir", required=True,
+                        help="folder for stage{1,1_2,2}_{train,dev}.jsonl and summary.json")
+    parser.add_argument("--top_k", type=int, default=5,
+                        help="documents per stage1_2 row: the answer + BM25 distractors")
+    parser.add_argument("--num_candidates", type=int, default=20,
+                        help="candidates per stage2 row: the positives + BM25 negatives")
+    parser.add_argument("--dev_fraction", type=float, default=0.1,
+                        help="fraction of topics (source + focus) in the dev split, in [0, 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffles")
+    parser.add_argument("--max_doc_words", type=int, default=200,
+                        help="cut each answer passage to this many words, and pack stage1 "
+                             "documents up to it (0: keep passages whole, one per document)")
+    parser.add_argument("--max_rows", type=int, default=None,
+                        help="use only the first N records (quick runs)")
+    parser.add_argument("--k1", type=float, default=1.2, help="BM25 term-frequency saturation")
+    parser.add_argument("--b", type=float, default=0.75, help="BM25 length normalisation")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = MedQuADSettings(args.top_k, args.num_candidates, args.dev_fraction, args.seed,
+                               args.max_doc_words, args.k1, args.b)
+    try:
+        settings.check()
+        records = load_medquad(args.input, args.max_rows)
+        started = time.perf_counter()
+        outputs = convert_medquad(records, settings)
+        seconds = time.perf_counter() - started
+    except (ValidationError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    summary = write_outputs(args.out_dir, outputs, {"input": args.input, "max_rows": args.max_rows,
+                                                    **asdict(settings)}, settings.top_k)
+    for name, rows in summary["files"].items():
+        print(f"{Path(args.out_dir) / name}: {rows} rows")
+    print(f"{len(records)} records converted in {seconds:.1f} s (BM25 index and negatives included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

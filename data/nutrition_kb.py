@@ -1,0 +1,658 @@
+"""NutriBot's own nutrition knowledge base: loading, validation, coverage, stage files.
+
+The knowledge base lives in the folder ``data/nutrition_kb/`` next to this file:
+
+    documents.jsonl   one document per line (see README.md there for every field)
+    vocabulary.json   the controlled vocabulary that every tag must come from
+
+``load_knowledge_base()`` reads and validates it and returns ``KBDocument`` dataclasses;
+``coverage_report()`` lists, for each diet-drug / diet-disease interaction NutriBot must know
+about, the documents whose tags cover it; ``python -m data.nutrition_kb --out DIR`` writes the
+CLaRa stage files (stage1, stage1_2, stage2) with a deterministic train/dev split.
+
+(This module and the folder share a name on purpose: the folder has no ``__init__.py``, so
+``import data.nutrition_kb`` always finds this file.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+KB_DIR = Path(__file__).resolve().parent / "nutrition_kb"
+DOCUMENTS_FILE = "documents.jsonl"
+VOCABULARY_FILE = "vocabulary.json"
+
+CATEGORIES = ("nutrient", "food", "diet_pattern", "interaction", "condition")
+TAG_FIELDS = ("encourages", "restricts", "conditions", "medications", "allergens")
+VOCABULARY_KINDS = ("intake", "condition", "medication", "allergen")
+DOCUMENT_FIELDS = ("id", "title", "text", "source", "category", "tags", "questions")
+MIN_QUESTIONS = 2
+
+
+class KnowledgeBaseError(ValueError):
+    """Invalid knowledge base or vocabulary; the message names file, line and field of each problem."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ----------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str  # a phrase or one sentence, answerable from the document's text alone
+
+
+@dataclass(frozen=True)
+class DocumentTags:
+    """Controlled-vocabulary tags; README.md in the KB folder gives the meaning of each field."""
+
+    encourages: tuple[str, ...] = ()  # intake the document advises its readers to choose
+    restricts: tuple[str, ...] = ()  # intake to control: avoid, limit, keep steady or time apart
+    conditions: tuple[str, ...] = ()  # the people the advice is about (conditions, life stages)
+    medications: tuple[str, ...] = ()  # medicines whose use the advice concerns
+    allergens: tuple[str, ...] = ()  # major allergens in recommended foods, or the allergy discussed
+
+    def terms(self, field: str) -> tuple[str, ...]:
+        if field not in TAG_FIELDS:
+            raise KeyError(f"unknown tag field {field!r} (expected one of {', '.join(TAG_FIELDS)})")
+        return getattr(self, field)
+
+
+@dataclass(frozen=True)
+class KBDocument:
+    id: str
+    title: str
+    text: str
+    source: str  # the public guideline its facts come from
+    category: str  # one of CATEGORIES
+    tags: DocumentTags
+    questions: tuple[QAPair, ...]
+
+    def to_dict(self) -> dict:
+        """The JSONL row this document was read from (fields in file order)."""
+        return {
+            "id": self.id,
+            "title": self.title,
+            "text": self.text,
+            "source": self.source,
+            "category": self.category,
+            "tags": {name: list(self.tags.terms(name)) for name in TAG_FIELDS},
+            "questions": [{"question": qa.question, "answer": qa.answer} for qa in self.questions],
+        }
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def normalize_term(name: str) -> str:
+    """Lowercase, straight apostrophes, single spaces, no surrounding punctuation."""
+    name = name.replace("\u2019", "'").lower()
+    return " ".join(name.split()).strip(" .,;:!?")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Canonical tag terms per kind, each with synonyms that should match it.
+
+    ``fields`` maps each tag field to the kind its terms come from (encourages and restricts
+    both use "intake"). A synonym is any name (brand name, class member, plural, other spelling)
+    that a patient or clinician may write and that must trigger the same tag.
+    """
+
+    fields: dict[str, str]
+    terms: dict[str, dict[str, tuple[str, ...]]]  # kind -> canonical -> synonyms
+
+    def __post_init__(self):
+        lookup: dict[str, dict[str, str]] = {}
+        for kind, entries in self.terms.items():
+            names = {}
+            for canonical, synonyms in entries.items():
+                names[canonical] = canonical
+                for synonym in synonyms:
+                    names[synonym] = canonical
+            lookup[kind] = names
+        object.__setattr__(self, "_lookup", lookup)
+        # Longest names first, so "chronic kidney disease" wins over "kidney disease".
+        patterns = {
+            kind: re.compile(
+                "|".join(
+                    r"(?<![a-z0-9])" + re.escape(name) + r"(?:s|es)?(?![a-z0-9])"
+                    for name in sorted(names, key=len, reverse=True)
+                )
+            )
+            for kind, names in lookup.items()
+        }
+        object.__setattr__(self, "_patterns", patterns)
+
+    def kind_of(self, field: str) -> str:
+        return self.fields[field]
+
+    def is_canonical(self, kind: str, term: str) -> bool:
+        return term in self.terms[kind]
+
+    def canonical(self, kind: str, name: str) -> str | None:
+        """The canonical term for ``name`` (a term or a synonym, any case, simple plurals), else None."""
+        names = self._lookup[kind]
+        name = normalize_term(name)
+        for candidate in (name, name[:-2] if name.endswith("es") else None, name[:-1] if name.endswith("s") else None):
+            if candidate and candidate in names:
+                return names[candidate]
+        return None
+
+    def find_terms(self, kind: str, text: str) -> list[str]:
+        """Canonical terms of ``kind`` mentioned in free text, in order of first mention."""
+        found: list[str] = []
+        for match in self._patterns[kind].finditer(normalize_term(text)):
+            term = self.canonical(kind, match.group(0))
+            if term is not None and term not in found:
+                found.append(term)
+        return found
+
+
+def load_vocabulary(path: str | os.PathLike | None = None) -> Vocabulary:
+    """Read and check ``vocabulary.json`` (default: the packaged one)."""
+    path = Path(path) if path is not None else KB_DIR / VOCABULARY_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KnowledgeBaseError([f"{path}: vocabulary file not found"]) from None
+    except json.JSONDecodeError as err:
+        raise KnowledgeBaseError([f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})"]) from None
+    problems: list[str] = []
+    field_kinds = raw.get("fields") if isinstance(raw, dict) else None
+    if not isinstance(field_kinds, dict) or sorted(field_kinds) != sorted(TAG_FIELDS):
+        problems.append(f"{path}: fields: must map exactly {', '.join(TAG_FIELDS)} to a kind")
+        field_kinds = {}
+    kinds_raw = raw.get("kinds") if isinstance(raw, dict) else None
+    if not isinstance(kinds_raw, dict):
+        raise KnowledgeBaseError(problems + [f"{path}: kinds: missing or not an object"])
+    for field, kind in field_kinds.items():
+        if kind not in kinds_raw:
+            problems.append(f"{path}: fields.{field}: kind {kind!r} is not defined under kinds")
+    terms: dict[str, dict[str, tuple[str, ...]]] = {}
+    for kind, entry in kinds_raw.items():
+        where = f"{path}: kinds.{kind}.terms"
+        entries = entry.get("terms") if isinstance(entry, dict) else None
+        if not isinstance(entries, dict):
+            problems.append(f"{where}: missing or not an object")
+            continue
+        seen: dict[str, str] = {}  # every name of this kind -> the canonical term it belongs to
+        for canonical in entries:
+            seen[canonical] = canonical
+        kind_terms = {}
+        for canonical, synonyms in entries.items():
+            if canonical != normalize_term(canonical) or not canonical:
+                problems.append(f"{where}[{canonical!r}]: terms must be lowercase, trimmed and non-empty")
+            if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
+                problems.append(f"{where}[{canonical!r}]: synonyms must be a list of strings")
+                continue
+            for synonym in synonyms:
+                if synonym != normalize_term(synonym) or not synonym:
+                    problems.append(f"{where}[{canonical!r}]: synonym {synonym!r} must be lowercase and trimmed")
+                elif synonym in seen and seen[synonym] != canonical:
+                    problems.append(f"{where}[{canonical!r}]: synonym {synonym!r} already names {seen[synonym]!r}")
+                seen.setdefault(synonym, canonical)
+            kind_terms[canonical] = tuple(synonyms)
+        terms[kind] = kind_terms
+    if problems:
+        raise KnowledgeBaseError(problems)
+    return Vocabulary(fields=dict(field_kinds), terms=terms)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _resolve_paths(path: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(documents file, vocabulary file) for a KB folder, a documents file, or the default."""
+    path = Path(path) if path is not None else KB_DIR
+    if path.is_dir():
+        return path / DOCUMENTS_FILE, path / VOCABULARY_FILE
+    beside = path.parent / VOCABULARY_FILE
+    return path, beside if beside.exists() else KB_DIR / VOCABULARY_FILE
+
+
+def _string_field(row: dict, field: str, where: str, problems: list[str], label: str | None = None) -> str | None:
+    label = label or field  # how the field is named in messages, e.g. questions[1].answer
+    if field not in row:
+        problems.append(f"{where}: {label}: missing field")
+        return None
+    value = row[field]
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{where}: {label}: must be a non-empty string")
+        return None
+    return value
+
+
+def _parse_tags(raw, vocabulary: Vocabulary, where: str, problems: list[str]) -> DocumentTags | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: tags: must be an object with fields {', '.join(TAG_FIELDS)}")
+        return None
+    for name in raw:
+        if name not in TAG_FIELDS:
+            problems.append(f"{where}: tags: unknown field {name!r}")
+    values = {}
+    for field in TAG_FIELDS:
+        if field not in raw:
+            problems.append(f"{where}: tags.{field}: missing field")
+            continue
+        terms = raw[field]
+        if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+            problems.append(f"{where}: tags.{field}: must be a list of strings")
+            continue
+        kind = vocabulary.kind_of(field)
+        for term in terms:
+            if vocabulary.is_canonical(kind, term):
+                continue
+            canonical = vocabulary.canonical(kind, term)
+            if canonical is not None:
+                problems.append(f"{where}: tags.{field}: {term!r} is a synonym; use the canonical term {canonical!r}")
+            else:
+                problems.append(f"{where}: tags.{field}: unknown tag {term!r} (not in vocabulary kind {kind!r})")
+        duplicates = sorted({t for t in terms if terms.count(t) > 1})
+        if duplicates:
+            problems.append(f"{where}: tags.{field}: repeated tag {duplicates[0]!r}")
+        values[field] = tuple(terms)
+    if len(values) != len(TAG_FIELDS):
+        return None
+    return DocumentTags(**values)
+
+
+def _parse_questions(raw, where: str, problems: list[str]) -> tuple[QAPair, ...] | None:
+    if not isinstance(raw, list):
+        problems.append(f"{where}: questions: must be a list of {{question, answer}} objects")
+        return None
+    if len(raw) < MIN_QUESTIONS:
+        problems.append(f"{where}: questions: needs at least {MIN_QUESTIONS} questions, got {len(raw)}")
+    pairs = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            problems.append(f"{where}: questions[{index}]: must be an object with question and answer")
+            continue
+        question = _string_field(item, "question", where, problems, f"questions[{index}].question")
+        answer = _string_field(item, "answer", where, problems, f"questions[{index}].answer")
+        if question is not None and answer is not None:
+            pairs.append(QAPair(question=question, answer=answer))
+    return tuple(pairs)
+
+
+def _parse_document(row, vocabulary: Vocabulary, where: str, problems: list[str]) -> KBDocument | None:
+    if not isinstance(row, dict):
+        problems.append(f"{where}: expected a JSON object, got {type(row).__name__}")
+        return None
+    before = len(problems)
+    for name in row:
+        if name not in DOCUMENT_FIELDS:
+            problems.append(f"{where}: unknown field {name!r}")
+    strings = {name: _string_field(row, name, where, problems) for name in ("id", "title", "text", "source", "category")}
+    if strings["category"] is not None and strings["category"] not in CATEGORIES:
+        problems.append(f"{where}: category: unknown category {strings['category']!r} (expected one of {', '.join(CATEGORIES)})")
+    if "tags" in row:
+        tags = _parse_tags(row["tags"], vocabulary, where, problems)
+    else:
+        problems.append(f"{where}: tags: missing field")
+        tags = None
+    if "questions" in row:
+        questions = _parse_questions(row["questions"], where, problems)
+    else:
+        problems.append(f"{where}: questions: missing field")
+        questions = None
+    if len(problems) > before:
+        return None
+    return KBDocument(tags=tags, questions=questions, **strings)
+
+
+def load_knowledge_base(
+    path: str | os.PathLike | None = None, vocabulary: Vocabulary | None = None
+) -> list[KBDocument]:
+    """Read and validate the knowledge base; return its documents in file order.
+
+    ``path`` is a KB folder (holding documents.jsonl and vocabulary.json), a documents .jsonl
+    file (checked against a vocabulary.json beside it, else the packaged one), or None for the
+    packaged KB. Every problem found is reported at once in one ``KnowledgeBaseError``.
+    """
+    documents_path, vocabulary_path = _resolve_paths(path)
+    vocabulary = vocabulary if vocabulary is not None else load_vocabulary(vocabulary_path)
+    try:
+        lines = documents_path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise KnowledgeBaseError([f"{documents_path}: knowledge base file not found"]) from None
+    problems: list[str] = []
+    documents: list[KBDocument] = []
+    first_line_of_id: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # blank lines (for instance a trailing one) carry no document
+        where = f"{documents_path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"{where}: invalid JSON: {err.msg} (column {err.colno})")
+            continue
+        doc_id = row.get("id") if isinstance(row, dict) else None
+        if isinstance(doc_id, str) and doc_id in first_line_of_id:
+            problems.append(f"{where}: id: duplicate id {doc_id!r} (first seen on line {first_line_of_id[doc_id]})")
+        elif isinstance(doc_id, str):
+            first_line_of_id[doc_id] = number
+        document = _parse_document(row, vocabulary, where, problems)
+        if document is not None:
+            documents.append(document)
+    if not first_line_of_id and not problems:
+        problems.append(f"{documents_path}: no documents")
+    if problems:
+        raise KnowledgeBaseError(problems)
+    return documents
+
+
+# ----------------------------------------------------------------------------- coverage
+
+
+@dataclass(frozen=True)
+class RequiredInteraction:
+    """An interaction the KB must cover: some document whose tags contain all of ``requires``."""
+
+    name: str
+    requires: tuple[tuple[str, str], ...]  # (tag field, canonical term) pairs
+
+    def is_covered_by(self, document: KBDocument) -> bool:
+        return all(term in document.tags.terms(field) for field, term in self.requires)
+
+
+def _rule(name: str, **requires: str | tuple[str, ...]) -> RequiredInteraction:
+    pairs = []
+    for field, terms in requires.items():
+        for term in (terms,) if isinstance(terms, str) else terms:
+            pairs.append((field, term))
+    return RequiredInteraction(name=name, requires=tuple(pairs))
+
+
+MAJOR_ALLERGENS = ("peanut", "tree nut", "milk", "egg", "shellfish", "fish", "soy", "wheat", "sesame")
+# The intake term a document about each allergy restricts (milk the allergen is "dairy" the food).
+ALLERGEN_FOODS = {allergen: allergen for allergen in MAJOR_ALLERGENS} | {"milk": "dairy"}
+
+# "restricts" means "control this intake" (avoid, limit, keep steady, or take apart from the
+# medicine); the warfarin rule therefore reads "warfarin users must control vitamin K", which the
+# documents explain as keeping intake steady, not avoiding it.
+REQUIRED_INTERACTIONS: tuple[RequiredInteraction, ...] = (
+    _rule("warfarin and vitamin K", medications="warfarin", restricts="vitamin k"),
+    _rule("CKD and potassium", conditions="ckd", restricts="potassium"),
+    _rule("CKD and phosphorus", conditions="ckd", restricts="phosphorus"),
+    _rule("CKD and sodium", conditions="ckd", restricts="sodium"),
+    _rule("CKD and protein", conditions="ckd", restricts="protein"),
+    _rule("MAO inhibitors and tyramine", medications="maoi", restricts="tyramine"),
+    _rule("statins and grapefruit", medications="statin", restricts="grapefruit"),
+    _rule("cyclosporine and grapefruit", medications="cyclosporine", restricts="grapefruit"),
+    _rule("tacrolimus and grapefruit", medications="tacrolimus", restricts="grapefruit"),
+    _rule("pregnancy and mercury", conditions="pregnancy", restricts="mercury"),
+    _rule("pregnancy and listeria", conditions="pregnancy", restricts="listeria"),
+    _rule("pregnancy and retinol (vitamin A)", conditions="pregnancy", restricts="retinol"),
+    _rule("celiac disease and gluten", conditions="celiac disease", restricts="gluten"),
+    _rule("PKU and phenylalanine", conditions="pku", restricts="phenylalanine"),
+    _rule("PKU and aspartame", conditions="pku", restricts="aspartame"),
+    _rule("gout and purines", conditions="gout", restricts="purine"),
+    _rule("diabetes and sugars", conditions="diabetes", restricts="added sugar"),
+    _rule("hypertension and sodium", conditions="hypertension", restricts="sodium"),
+    _rule("heart failure and sodium", conditions="heart failure", restricts="sodium"),
+    _rule("lactose intolerance and lactose", conditions="lactose intolerance", restricts="lactose"),
+    _rule("levothyroxine and calcium timing", medications="levothyroxine", restricts="calcium"),
+    _rule("levothyroxine and iron timing", medications="levothyroxine", restricts="iron"),
+    _rule("fluoroquinolones and calcium", medications="fluoroquinolone", restricts="calcium"),
+    _rule("fluoroquinolones and other polyvalent cations", medications="fluoroquinolone", restricts=("magnesium", "iron", "zinc")),
+    _rule("tetracyclines and calcium", medications="tetracycline", restricts="calcium"),
+    _rule("tetracyclines and other polyvalent cations", medications="tetracycline", restricts=("magnesium", "iron", "zinc")),
+    _rule("lithium and sodium", medications="lithium", restricts="sodium"),
+    _rule("spironolactone and potassium salt substitutes", medications="spironolactone", restricts="salt substitute"),
+    _rule("ACE inhibitors and potassium salt substitutes", medications="ace inhibitor", restricts="salt substitute"),
+    _rule("ARBs and potassium salt substitutes", medications="arb", restricts="salt substitute"),
+    _rule("hemochromatosis and iron", conditions="hemochromatosis", restricts="iron"),
+    _rule("hemochromatosis and vitamin C supplements", conditions="hemochromatosis", restricts="vitamin c supplement"),
+    _rule("hemochromatosis and raw shellfish", conditions="hemochromatosis", restricts="raw shellfish"),
+    _rule("digoxin and licorice", medications="digoxin", restricts="licorice"),
+    _rule("oxalate kidney stones and oxalate", conditions="kidney stone", restricts="oxalate"),
+) + tuple(
+    _rule(f"{allergen} allergy", conditions="food allergy", allergens=allergen, restricts=ALLERGEN_FOODS[allergen])
+    for allergen in MAJOR_ALLERGENS
+)
+
+
+@dataclass(frozen=True)
+class CoverageEntry:
+    interaction: RequiredInteraction
+    document_ids: tuple[str, ...]  # empty when nothing covers it
+
+    @property
+    def covered(self) -> bool:
+        return bool(self.document_ids)
+
+
+def coverage_report(
+    documents: Sequence[KBDocument] | None = None,
+    required: Sequence[RequiredInteraction] = REQUIRED_INTERACTIONS,
+) -> list[CoverageEntry]:
+    """For each required interaction, the ids of the documents whose tags cover it."""
+    documents = load_knowledge_base() if documents is None else documents
+    return [
+        CoverageEntry(rule, tuple(doc.id for doc in documents if rule.is_covered_by(doc))) for rule in required
+    ]
+
+
+def format_coverage_report(entries: Sequence[CoverageEntry]) -> str:
+    lines = []
+    for entry in entries:
+        ids = ", ".join(entry.document_ids) if entry.covered else "NOT COVERED"
+        lines.append(f"{entry.interaction.name}: {ids}")
+    missing = sum(not entry.covered for entry in entries)
+    lines.append(f"{len(entries) - missing}/{len(entries)} required interactions covered")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- stage files
+
+# Words too common to say anything about which document a question is about.
+STOPWORDS = frozenset(
+    """a about above after again all also am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each few for from further
+    had has have having he her here hers him his how i if in into is it its itself just may me
+    might more most much must my no nor not now of off on once only or other our out over own
+    per same she should so some such than that the their them then there these they this those
+    through to too under until up very was we were what when where which while who whom why will
+    with would yes you your usually often name two three one people someone something""".split()
+)
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lowercased words of 3+ characters that are not stopwords."""
+    return frozenset(w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in STOPWORDS)
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    dev_fraction: float = 0.2  # share of all questions held out for dev (split by question)
+    seed: int = 0  # changes the split and the position of the positive document
+    n_candidates: int = 20  # stage2: documents per question, the positive plus hard negatives
+    top_k: int = 5  # stage1_2: documents per question, the positive plus the next-best matches
+
+    def __post_init__(self):
+        if not 0.0 <= self.dev_fraction <= 1.0:
+            raise ValueError(f"dev_fraction must be between 0 and 1, got {self.dev_fraction}")
+        if self.n_candidates < 1:
+            raise ValueError(f"n_candidates must be at least 1, got {self.n_candidates}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+
+
+def _stable_hash(*parts: object) -> int:
+    """A hash that, unlike hash(), is the same in every Python process."""
+    return int(hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).hexdigest(), 16)
+
+
+def split_questions(documents: Sequence[KBDocument], config: ConversionConfig) -> set[tuple[str, int]]:
+    """The (document id, question index) pairs that go to dev.
+
+    Every question gets a seeded hash; the round(dev_fraction * n) lowest hashes form dev. The
+    split is by question, not by document: every document stays a retrieval candidate in both
+    splits, and dev asks new questions about documents whose other questions may be in train.
+    """
+    keys = [(doc.id, index) for doc in documents for index in range(len(doc.questions))]
+    keys.sort(key=lambda key: (_stable_hash(config.seed, "split", *key), key))
+    return set(keys[: round(config.dev_fraction * len(keys))])
+
+
+def rank_negatives(
+    question: QAPair, positive: KBDocument, documents: Sequence[KBDocument], word_sets: dict[str, frozenset[str]]
+) -> list[KBDocument]:
+    """Other documents, best word overlap with the question first (ties by id).
+
+    A document containing every content word of the answer might answer the question too, so
+    such documents go to the end of the ranking and are used only when nothing else is left.
+    """
+    question_words = content_words(question.question)
+    answer_words = content_words(question.answer)
+
+    def sort_key(doc: KBDocument):
+        words = word_sets[doc.id]
+        may_answer = bool(answer_words) and answer_words <= words
+        return (may_answer, -len(question_words & words), doc.id)
+
+    return sorted((doc for doc in documents if doc.id != positive.id), key=sort_key)
+
+
+def _candidate_list(
+    positive: KBDocument, negatives: Sequence[KBDocument], size: int, seed: int, key: tuple[str, int]
+) -> tuple[list[KBDocument], int]:
+    """``size`` documents with the positive at a seeded position; returns (documents, its index)."""
+    chosen = list(negatives[: size - 1])
+    position = _stable_hash(seed, "position", size, *key) % size
+    chosen.insert(position, positive)
+    return chosen, position
+
+
+def build_stage_rows(documents: Sequence[KBDocument], config: ConversionConfig) -> dict[str, list[dict]]:
+    """Rows of every stage file, keyed by file stem (stage1_train, stage1_dev, ...)."""
+    for name, size in (("n_candidates", config.n_candidates), ("top_k", config.top_k)):
+        if size > len(documents):
+            raise ValueError(f"{name}={size} is more than the {len(documents)} documents in the knowledge base")
+    dev_keys = split_questions(documents, config)
+    word_sets = {doc.id: content_words(doc.title + " " + doc.text) for doc in documents}
+    rows: dict[str, list[dict]] = {f"{stage}_{split}": [] for stage in ("stage1", "stage1_2", "stage2") for split in ("train", "dev")}
+    for doc in documents:
+        for split in ("train", "dev"):
+            pairs = [qa for i, qa in enumerate(doc.questions) if ((doc.id, i) in dev_keys) == (split == "dev")]
+            if pairs:
+                rows[f"stage1_{split}"].append(
+                    {
+                        "data_type": "qa",
+                        "question": [qa.question for qa in pairs],
+                        "answers": [qa.answer for qa in pairs],
+                        "docs": [doc.text],
+                    }
+                )
+        for index, qa in enumerate(doc.questions):
+            key = (doc.id, index)
+            split = "dev" if key in dev_keys else "train"
+            negatives = rank_negatives(qa, doc, documents, word_sets)
+            top, _ = _candidate_list(doc, negatives, config.top_k, config.seed, key)
+            rows[f"stage1_2_{split}"].append(
+                {"question": qa.question, "docs": [d.text for d in top], "answer": qa.answer}
+            )
+            candidates, position = _candidate_list(doc, negatives, config.n_candidates, config.seed, key)
+            rows[f"stage2_{split}"].append(
+                {
+                    "question": qa.question,
+                    "docs": [d.text for d in candidates],
+                    "answer": qa.answer,
+                    "pos_index": [position],
+                }
+            )
+    return rows
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates the file readable by its owner only; give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def convert(documents: Sequence[KBDocument], out_dir: str | os.PathLike, config: ConversionConfig) -> dict[str, int]:
+    """Write ``<out_dir>/<stage>_<split>.jsonl`` for every stage; return the row count of each file."""
+    out_dir = Path(out_dir)
+    counts = {}
+    for stem, rows in build_stage_rows(documents, config).items():
+        write_jsonl_atomic(out_dir / f"{stem}.jsonl", rows)
+        counts[stem] = len(rows)
+    return counts
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    defaults = ConversionConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m data.nutrition_kb",
+        description="Validate NutriBot's nutrition knowledge base and write CLaRa stage files "
+        "(stage1, stage1_2, stage2; train and dev) from it, or print its interaction coverage.",
+    )
+    parser.add_argument("--kb", default=None, help="knowledge base folder or documents .jsonl file (default: the packaged data/nutrition_kb)")
+    parser.add_argument("--out", default=None, help="folder to write stage1/stage1_2/stage2 _train/_dev .jsonl files into (required unless --coverage)")
+    parser.add_argument("--dev_fraction", type=float, default=defaults.dev_fraction, help="share of all questions held out for dev; the split is by question and every document stays a candidate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and of the positive document's position (default: %(default)s)")
+    parser.add_argument("--n_candidates", type=int, default=defaults.n_candidates, help="stage2: documents per question, the positive plus word-overlap hard negatives (default: %(default)s)")
+    parser.add_argument("--top_k", type=int, default=defaults.top_k, help="stage1_2: documents per question, its own plus the best-overlapping others; match --generation_top_k (default: %(default)s)")
+    parser.add_argument("--coverage", action="store_true", help="print which documents cover each required diet-drug/diet-disease interaction, then exit")
+    args = parser.parse_args(argv)
+    if args.out is None and not args.coverage:
+        parser.error("--out is required unless --coverage is given")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        documents = load_knowledge_base(args.kb)
+    except KnowledgeBaseError as err:
+        print(f"error: invalid knowledge base:\n{err}", file=sys.stderr)
+        return 2
+    if args.coverage:
+        entries = coverage_report(documents)
+        print(format_coverage_report(entries))
+        return 0 if all(entry.covered for entry in entries) else 1
+    try:
+        config = ConversionConfig(dev_fraction=args.dev_fraction, seed=args.seed, n_candidates=args.n_candidates, top_k=args.top_k)
+        counts = convert(documents, args.out, config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(documents)} documents, {sum(len(d.questions) for d in documents)} questions -> {args.out}")
+    for stem, count in counts.items():
+        print(f"  {stem}.jsonl: {count} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Check stage JSONL files and list every problem in them.
+
+    python -m data.validate FILE [FILE ...] --stage stage1|stage1_2|stage2|stage2_pretrain_retrieval [--top_k K]
+
+Prints one line per problem (`file:line: field: message`), then a summary line per file. Exits
+with status 1 when any file has a problem, 0 otherwise. Row contents are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from data.formats import STAGES, FileReport, Stage1Example, Stage2Example, validate_stage_file
+
+
+def summarize(path: str, stage: str, report: FileReport) -> str:
+    """One line: rows, problems, and the shape of the valid rows (counts only, no text)."""
+    line = f"{path}: {stage}, {report.n_rows} rows, {len(report.problems)} problems"
+    examples = report.examples
+    if not examples:
+        return line
+    doc_counts = [len(example.docs) for example in examples]
+    line += (f"; docs per row {min(doc_counts)}..{max(doc_counts)} "
+             f"(mean {sum(doc_counts) / len(doc_counts):.2f})")
+    if isinstance(examples[0], Stage1Example):
+        qa_counts = [len(example.questions) for example in examples]
+        paraphrases = sum(example.data_type == "paraphrase" for example in examples)
+        line += f"; {sum(qa_counts)} QA pairs, {paraphrases} paraphrase rows"
+    elif isinstance(examples[0], Stage2Example):
+        positives = [len(example.pos_index) for example in examples]
+        line += f"; positives per row {min(positives)}..{max(positives)}"
+    return line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.validate",
+        description="Validate CLaRa stage JSONL files; list every problem with file, line and field.")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="stage JSONL file(s) to check")
+    parser.add_argument("--stage", required=True, choices=STAGES,
+                        help="the layout the files must follow (stage2_pretrain_retrieval uses the "
+                             "stage2 layout and requires pos_index)")
+    parser.add_argument("--top_k", type=int, default=None,
+                        help="stage1/stage1_2: every row must hold exactly this many documents; "
+                             "stage2: every row must hold at least this many candidates "
+                             "(default: stage1/stage1_2 rows only need equal counts)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.top_k is not None and args.top_k < 1:
+        print(f"--top_k must be at least 1, got {args.top_k}", file=sys.stderr)
+        return 2
+    any_problem = False
+    for path in args.files:
+        report = validate_stage_file(path, args.stage, args.top_k)
+        for problem in report.problems:
+            print(problem)
+        print(summarize(path, args.stage, report))
+        any_problem = any_problem or bool(report.problems)
+    return 1 if any_problem else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
