@@ -83,9 +83,12 @@ def generate(
     return torch.stack(new_tokens, 1)
 
 
-def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+def prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+    """Token ids of a plain prompt, or of a one-turn chat rendered with the model's template."""
+    if not chat:
+        return tokenizer.encode(prompt)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode_chat(messages, add_generation_prompt=True)
 
 
 def generate_text(
@@ -100,8 +103,7 @@ def generate_text(
     seed: int | None = None,
 ) -> str:
     """One prompt in, the generated text out (special tokens dropped)."""
-    text = chat_prompt(tokenizer, prompt, system) if chat else prompt
-    ids = torch.tensor([tokenizer.encode(text)], device=model.device)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, chat, system)], device=model.device)
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    stop_ids=tokenizer.stop_ids(), pad_id=tokenizer.pad_id, generator=generator)
@@ -152,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"[clara.generate] loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
-    text = chat_prompt(tokenizer, args.prompt, args.system) if args.chat else args.prompt
-    ids = torch.tensor([tokenizer.encode(text)], device=model.device)
+    ids = torch.tensor([prompt_ids(tokenizer, args.prompt, args.chat, args.system)], device=model.device)
     stream = StreamDecoder(tokenizer)
     stop = tokenizer.stop_ids()
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    stop_ids=stop, pad_id=tokenizer.pad_id, generator=generator, on_token=emit)
-    sys.stdout.write("\n")
+    sys.stdout.write(stream.flush() + "\n")
     dt = time.perf_counter() - t1
     print(f"[clara.generate] {new.shape[1]} tokens in {dt:.2f}s ({new.shape[1] / dt:.1f} tokens/s, "
           f"prompt {ids.shape[1]} tokens)", file=sys.stderr)

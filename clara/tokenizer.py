@@ -611,7 +611,11 @@ class StreamDecoder:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A folder (Hugging Face layout), a tokenizer.json (its folder's tokenizer_config.json is read
-    too), or a .gguf file."""
+    too), a .gguf file, or the alias of the embedded model (`smollm2-135m`)."""
+    from clara.weights import EMBEDDED_ALIASES, embedded_model_path  # weights imports us lazily; no cycle at load
+
+    if str(path) in EMBEDDED_ALIASES:
+        return Tokenizer.from_gguf(embedded_model_path(str(path)))
     path = Path(path)
     if path.is_dir():
         return Tokenizer.from_hf_dir(path)
