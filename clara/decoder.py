@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from clara.config import DecoderConfig, rope_attention_factor
-from kernels import AttentionMask, attention, build_attention_mask
+from kernels import AttentionMask, Linear, attention, build_attention_mask, linear
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,12 +154,12 @@ class Attention(nn.Module):
         e, q_out, kv_out = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.fused = cfg.fused_qkv
         if self.fused:
-            self.qkv_proj = nn.Linear(e, q_out + 2 * kv_out, bias=cfg.attention_bias)
+            self.qkv_proj = Linear(e, q_out + 2 * kv_out, bias=cfg.attention_bias)
         else:
-            self.q_proj = nn.Linear(e, q_out, bias=cfg.attention_bias)
-            self.k_proj = nn.Linear(e, kv_out, bias=cfg.attention_bias)
-            self.v_proj = nn.Linear(e, kv_out, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_out, e, bias=cfg.attention_out_bias)
+            self.q_proj = Linear(e, q_out, bias=cfg.attention_bias)
+            self.k_proj = Linear(e, kv_out, bias=cfg.attention_bias)
+            self.v_proj = Linear(e, kv_out, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_out, e, bias=cfg.attention_out_bias)
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None, layer: int):
         b, l, _ = x.shape  # x: [B, L, E]
@@ -186,13 +186,13 @@ class MLP(nn.Module):
         self.kind = cfg.mlp
         self.fused = cfg.fused_gate_up
         if self.kind == "gelu":
-            self.up_proj = nn.Linear(e, f, bias=cfg.mlp_bias)
+            self.up_proj = Linear(e, f, bias=cfg.mlp_bias)
         elif self.fused:
-            self.gate_up_proj = nn.Linear(e, 2 * f, bias=cfg.mlp_bias)
+            self.gate_up_proj = Linear(e, 2 * f, bias=cfg.mlp_bias)
         else:
-            self.gate_proj = nn.Linear(e, f, bias=cfg.mlp_bias)
-            self.up_proj = nn.Linear(e, f, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(f, e, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(e, f, bias=cfg.mlp_bias)
+            self.up_proj = Linear(e, f, bias=cfg.mlp_bias)
+        self.down_proj = Linear(f, e, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "gelu":
@@ -237,7 +237,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = RotaryEmbedding(cfg)
         self.gradient_checkpointing = False
 
@@ -259,7 +259,7 @@ class Decoder(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight)
+            return linear(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -338,7 +338,7 @@ class Decoder(nn.Module):
         self.embed_tokens = emb
         if self.lm_head is not None:
             head_old = self.lm_head
-            head = nn.Linear(old.shape[1], new_size, bias=head_old.bias is not None, device=old.device, dtype=old.dtype)
+            head = Linear(old.shape[1], new_size, bias=head_old.bias is not None, device=old.device, dtype=old.dtype)
             head.weight[:keep] = head_old.weight[:keep]
             if new_size > old_size:
                 head.weight[old_size:] = head_old.weight.mean(0, keepdim=True)

@@ -1,5 +1,6 @@
 """Hot paths of the library: attention (flash-attn or SDPA) and the small fused CPU ops."""
 
 from kernels.attention import AttentionMask, attention, backend_name, build_attention_mask
+from kernels.matmul import Linear, cpu_has_native_bf16, linear
 
-__all__ = ["AttentionMask", "attention", "backend_name", "build_attention_mask"]
+__all__ = ["AttentionMask", "Linear", "attention", "backend_name", "build_attention_mask", "cpu_has_native_bf16", "linear"]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.matmul import widen_on_this_cpu
+
 
 @dataclass
 class AttentionMask:
@@ -116,13 +118,18 @@ def attention(
 
 
 def _sdpa(q, k, v, mask: AttentionMask, scale):
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        # Measured on CPU (bench/attention_gqa.py): expanding K/V beats SDPA's enable_gqa path.
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
+    gqa = q.shape[1] != k.shape[1]
+    if widen_on_this_cpu(q):
+        # The bf16 SDPA backward on CPUs without bf16 instructions is ~6x slower than fp32
+        # (bench/matmul.py); fp32 accumulates the same products, so widen and narrow back.
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask.dense, is_causal=mask.sdpa_is_causal,
+                scale=scale, enable_gqa=gqa,
+            )
+        return out.to(q.dtype)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask.dense, is_causal=mask.sdpa_is_causal, scale=scale
+        q, k, v, attn_mask=mask.dense, is_causal=mask.sdpa_is_causal, scale=scale, enable_gqa=gqa
     )
 
 

@@ -1,0 +1,120 @@
+"""The attention entry point against a naive softmax(QK^T)V, and the widened low-precision linear."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import kernels.matmul as klinear
+from kernels import attention, build_attention_mask, linear
+from kernels.attention import flash_attention_available
+
+
+def naive_attention(q, k, v, key_valid=None, window=None):
+    """Bottom-right causal attention written out; padded-only rows attend to themselves."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    k = k.repeat_interleave(h // k.shape[1], 1)
+    v = v.repeat_interleave(h // v.shape[1], 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    qpos = torch.arange(lk - lq, lk)[:, None]
+    kpos = torch.arange(lk)[None]
+    allowed = (kpos <= qpos).expand(b, 1, lq, lk).clone()
+    if window is not None:
+        allowed &= kpos > qpos - window
+    if key_valid is not None:
+        allowed &= key_valid[:, None, None, :].bool()
+        allowed |= kpos == qpos
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3), groups=st.sampled_from([1, 2, 4]), lk=st.integers(1, 24), data=st.data(),
+)
+def test_attention_matches_naive(b, groups, lk, data):
+    lq = data.draw(st.integers(1, lk))
+    window = data.draw(st.one_of(st.none(), st.integers(1, 30)))
+    pad = data.draw(st.lists(st.integers(0, lk - 1), min_size=b, max_size=b))
+    g = torch.Generator().manual_seed(lk * 31 + lq)
+    q = torch.randn(b, 4, lq, 8, generator=g)
+    k = torch.randn(b, 4 // groups, lk, 8, generator=g)
+    v = torch.randn(b, 4 // groups, lk, 8, generator=g)
+    key_valid = torch.ones(b, lk, dtype=torch.bool)
+    for i, n in enumerate(pad):
+        key_valid[i, :n] = False
+    mask = build_attention_mask(lq, lk, key_valid, window)
+    out = attention(q, k, v, mask)
+    expected = naive_attention(q, k, v, key_valid, window)
+    assert torch.isfinite(out).all()
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_mask_fast_paths():
+    assert build_attention_mask(5, 5).sdpa_is_causal and build_attention_mask(5, 5).dense is None
+    decode = build_attention_mask(1, 9)
+    assert not decode.sdpa_is_causal and decode.dense is None
+    chunk = build_attention_mask(3, 9)  # chunked prefill needs an explicit bottom-right mask
+    assert chunk.dense[0, 0].tolist()[0] == [True] * 7 + [False] * 2
+    assert build_attention_mask(4, 4, torch.ones(2, 4)).key_valid is None  # all-valid mask is dropped
+    with pytest.raises(ValueError, match="attention_mask covers 3 positions, expected 4"):
+        build_attention_mask(4, 4, torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("widen", [True, False])
+def test_low_precision_linear_equals_fp32_accumulation(monkeypatch, widen):
+    monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: not widen)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, generator=g).bfloat16()
+    w = torch.randn(32, 64, generator=g).bfloat16()
+    bias = torch.randn(32, generator=g).bfloat16()
+    out = linear(x, w, bias)
+    assert out.dtype == torch.bfloat16
+    exact = (x.double() @ w.double().T + bias.double())
+    # Either path accumulates in fp32 and rounds once to bf16: within one bf16 ulp of the exact sum.
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
+    if widen:
+        assert torch.equal(out, F.linear(x.float(), w.float(), bias.float()).bfloat16())
+
+
+def test_widened_linear_under_autocast_keeps_gradients(monkeypatch):
+    monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: False)
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, w)
+    assert y.dtype == torch.float32  # computed in fp32 instead of the slow bf16 kernel
+    y.sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(3, 4).detach())
+
+
+def test_environment_override(monkeypatch):
+    klinear.cpu_has_native_bf16.cache_clear()
+    monkeypatch.setenv("CLARA_LOW_PRECISION_MATMUL", "native")
+    assert klinear.cpu_has_native_bf16()
+    klinear.cpu_has_native_bf16.cache_clear()
+    monkeypatch.setenv("CLARA_LOW_PRECISION_MATMUL", "fp32")
+    assert not klinear.cpu_has_native_bf16()
+    klinear.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn parity needs a CUDA GPU")
+def test_flash_attention_matches_sdpa_on_gpu():
+    q = torch.randn(2, 8, 40, 64, device="cuda", dtype=torch.bfloat16)
+    if not flash_attention_available(q):
+        pytest.skip("flash-attn not installed or GPU older than sm80")
+    k = torch.randn(2, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    key_valid = torch.ones(2, 40, dtype=torch.bool, device="cuda")
+    key_valid[1, :13] = False
+    for kv in (None, key_valid):
+        for lq in (40, 1):
+            mask = build_attention_mask(lq, 40, kv, device="cuda")
+            flash = attention(q[:, :, -lq:], k, v, mask)
+            sdpa = attention(q[:, :, -lq:], k, v, mask, force_sdpa=True)
+            rows = slice(None) if kv is None else kv[:, -lq:]
+            diff = (flash.transpose(1, 2)[rows] - sdpa.transpose(1, 2)[rows]).abs().max().item()
+            assert diff < 2e-2
