@@ -1,0 +1,17 @@
+"""CLaRa in pure PyTorch: the decoder, its weights and tokenizer, generation.
+
+    from clara import load_base, generate_text
+    model, tokenizer = load_base("smollm2-135m")
+    print(generate_text(model, tokenizer, "What is the capital of France?"))
+"""
+
+from clara.config import DecoderConfig
+from clara.decoder import Decoder, KVCache
+from clara.generate import generate, generate_text
+from clara.tokenizer import Tokenizer, load_tokenizer
+from clara.weights import WeightsError, extend_vocabulary, load_base
+
+__all__ = [
+    "Decoder", "DecoderConfig", "KVCache", "Tokenizer", "WeightsError",
+    "extend_vocabulary", "generate", "generate_text", "load_base", "load_tokenizer",
+]

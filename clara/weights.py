@@ -374,3 +374,16 @@ def load_base(name_or_path: str | Path, dtype: torch.dtype = torch.float32, devi
     model.name_or_path = str(name_or_path)
     return model, tokenizer
 
+
+
+def extend_vocabulary(model: Decoder, tokenizer, tokens: list[str]) -> list[int]:
+    """Add special tokens (CLaRa's <MEM_i>, <ENC>, <SEP>, <AE>) to the tokenizer and grow the model.
+
+    The embedding (and an untied lm head) grows only when a new id falls outside it: some
+    checkpoints (Qwen2, Phi-3) already carry spare rows past the tokenizer's vocabulary.
+    """
+    ids = tokenizer.add_special_tokens(tokens)
+    needed = max([len(tokenizer), *(i + 1 for i in ids)])
+    if needed > model.config.vocab_size:
+        model.resize_token_embeddings(needed)
+    return ids
