@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from clara.config import DecoderConfig, rope_attention_factor
+from clara.lora import checkpoint_context
 from kernels import AttentionMask, Linear, attention, build_attention_mask, linear
 
 
@@ -304,7 +305,8 @@ class Decoder(nn.Module):
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
             if use_ckpt:
-                x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
+                # The recomputation in backward must see the adapter that was active in forward.
+                x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False, context_fn=checkpoint_context)
             else:
                 x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
