@@ -83,12 +83,19 @@ def test_low_precision_linear_equals_fp32_accumulation(monkeypatch, widen):
 def test_widened_linear_under_autocast_keeps_gradients(monkeypatch):
     monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: False)
     w = torch.randn(8, 4, requires_grad=True)
-    x = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(5, 4, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = linear(x, w)
     assert y.dtype == torch.float32  # computed in fp32 instead of the slow bf16 kernel
     y.sum().backward()
-    assert torch.allclose(x.grad, w.sum(0).expand(3, 4).detach())
+    assert torch.allclose(x.grad, w.sum(0).expand(5, 4).detach())
+
+
+def test_single_rows_keep_the_low_precision_kernel(monkeypatch):
+    monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: False)
+    x = torch.randn(1, 64).bfloat16()
+    w = torch.randn(32, 64).bfloat16()
+    assert torch.equal(linear(x, w), F.linear(x, w))  # decoding one token: bandwidth-bound, bf16 wins
 
 
 def test_environment_override(monkeypatch):
