@@ -1,6 +1,7 @@
 """The attention entry point against a naive softmax(QK^T)V, and the widened low-precision linear."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -125,3 +126,52 @@ def test_flash_attention_matches_sdpa_on_gpu():
             rows = slice(None) if kv is None else kv[:, -lq:]
             diff = (flash.transpose(1, 2)[rows] - sdpa.transpose(1, 2)[rows]).abs().max().item()
             assert diff < 2e-2
+
+
+class FakeFlashAttn:
+    """flash-attn's two entry points written naively, to test our packing glue on CPU.
+
+    Semantics follow flash-attn 2: [B, L, H, D] layout (varlen: packed [total, H, D] with
+    cu_seqlens), GQA by head groups, causal aligned bottom-right, window_size=(left, right).
+    """
+
+    @staticmethod
+    def _one(q, k, v, scale, causal, window):  # q [Lq, H, D], k/v [Lk, G, D]
+        lq, lk = q.shape[0], k.shape[0]
+        out = naive_attention(q.permute(1, 0, 2)[None], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None],
+                              None, window[0] + 1 if window[0] >= 0 else None)
+        assert causal or lq == 1
+        return out[0].permute(1, 0, 2)
+
+    def flash_attn_func(self, q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
+        return torch.stack([self._one(q[i], k[i], v[i], softmax_scale, causal, window_size) for i in range(q.shape[0])])
+
+    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False,
+                               window_size=(-1, -1)):
+        outs = []
+        for i in range(len(cu_q) - 1):
+            qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+            outs.append(self._one(q[qs], k[ks], v[ks], softmax_scale, causal, window_size))
+        return torch.cat(outs)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("lq", [11, 1, 4])
+def test_flash_packing_glue_matches_sdpa(monkeypatch, padded, lq):
+    ka = sys.modules["kernels.attention"]  # the package exports a function of the same name
+
+    monkeypatch.setattr(ka, "flash_attention_available", lambda t: True)
+    monkeypatch.setattr(ka, "_flash_attn_module", lambda: FakeFlashAttn())
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(3, 4, lq, 8, generator=g)
+    k = torch.randn(3, 2, 11, 8, generator=g)
+    v = torch.randn(3, 2, 11, 8, generator=g)
+    key_valid = torch.ones(3, 11, dtype=torch.bool)
+    if padded:
+        key_valid[0, :5] = False
+        key_valid[2, :2] = False
+    mask = build_attention_mask(lq, 11, key_valid if padded else None, sliding_window=6)
+    flash = attention(q, k, v, mask)
+    sdpa = attention(q, k, v, mask, force_sdpa=True)
+    real_rows = key_valid[:, -lq:]
+    assert (flash.transpose(1, 2)[real_rows] - sdpa.transpose(1, 2)[real_rows]).abs().max() < 1e-5
