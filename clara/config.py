@@ -222,3 +222,176 @@ def rope_attention_factor(cfg: DecoderConfig) -> float:
     if factor <= 1.0:
         return 1.0
     return math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+# =================================================================================================
+# CLaRa: compression, memory tokens, adapters, retrieval
+# =================================================================================================
+TRAINING_STAGES = ("stage1", "stage1_2", "stage2", "stage2_pretrain_retrieval")
+MAX_COMPRESS_RATE = 256
+
+# The strings of CLaRa's special tokens. The official release spells memory tokens `<MEM{i}>`;
+# we write `<MEM_{i}>`, so importing an official checkpoint maps tokens by role, not by spelling.
+MEM_TOKEN = "<MEM>"  # the one shared memory token when distinct_mem_tokens is False
+ENC_TOKEN = "<ENC>"  # opens every compressor input
+SEP_TOKEN = "<SEP>"  # closes each document slot in a decoder prompt (when sep_token is True)
+AE_TOKEN = "<AE>"  # reserved by the official vocabulary (auto-encoding mode); added so ids line up
+
+
+def mem_token(i: int) -> str:
+    return f"<MEM_{i}>"
+
+
+@dataclass
+class ClaraConfig:
+    """What CLaRa adds on top of a base decoder: compression, memory tokens, LoRA, top-k.
+
+    A document of up to `doc_max_length` tokens becomes `n_mem_tokens = doc_max_length //
+    compress_rate` memory vectors; the decoder prompt holds one slot of that many placeholders
+    per document. Defaults follow the official training CLI (distinct, trainable memory tokens,
+    <SEP> after each slot, LoRA r=16 alpha=2r dropout 0.1 on every linear layer).
+    """
+
+    # --- compression -----------------------------------------------------------------------------
+    compress_rate: int = 32  # document tokens per memory vector, 1..256
+    doc_max_length: int = 256  # longer documents are truncated to this many tokens
+    distinct_mem_tokens: bool = True  # <MEM_0>..<MEM_{n-1}>; False: one shared <MEM> repeated
+    train_mem_embeddings: bool = True  # only the memory-token rows of the embedding get gradient
+    sep_token: bool = True  # a <SEP> after each document slot in the decoder prompt
+
+    # --- LoRA adapters (encoder_adapter, decoder_adapter, query_reasoner_adapter) ----------------
+    lora_r: int = 16
+    lora_alpha: float | None = None  # None -> 2 * lora_r; the update is scaled by alpha / r
+    lora_dropout: float = 0.1
+    lora_target_modules: str | tuple[str, ...] = "all-linear"  # or the projection names, e.g. ("q_proj",)
+
+    # --- training and generation -----------------------------------------------------------------
+    training_stage: str = "stage1"  # one of TRAINING_STAGES
+    generation_top_k: int = 5  # documents (slots) per decoder prompt in stage1_2 / stage2
+    retrieval_temperature: float = 0.02  # tau of the differentiable top-k and of InfoNCE (paper: 0.02)
+    mse_loss: bool = False  # add the compressor's alignment loss (weighted by mse_loss_weight)
+    mse_loss_weight: float = 0.1
+    qa_loss: bool = False  # stage1: train on the QA rows (the official CLI's --qa_loss)
+    max_new_tokens: int = 128  # default length limit of the generate_* methods
+
+    # --- derived, filled in __post_init__ ----------------------------------------------------------
+    n_mem_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_target_modules, list):  # JSON gives lists; keep a hashable tuple
+            self.lora_target_modules = tuple(self.lora_target_modules)
+        self._check_types()
+        if not 1 <= self.compress_rate <= MAX_COMPRESS_RATE:
+            raise ConfigError(f"compress_rate must be from 1 to {MAX_COMPRESS_RATE}, got {self.compress_rate}")
+        if self.doc_max_length < 1:
+            raise ConfigError(f"doc_max_length must be at least 1, got {self.doc_max_length}")
+        if self.doc_max_length % self.compress_rate:
+            # A remainder would leave the last tokens of a full document without a memory vector
+            # of their own; name the nearest lengths that work instead.
+            lower = self.doc_max_length - self.doc_max_length % self.compress_rate
+            upper = lower + self.compress_rate
+            hint = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ConfigError(
+                f"doc_max_length {self.doc_max_length} is not a multiple of compress_rate {self.compress_rate}; "
+                f"n_mem_tokens = doc_max_length / compress_rate must be a whole number "
+                f"(try doc_max_length {hint})"
+            )
+        if self.lora_r < 1:
+            raise ConfigError(f"lora_r must be at least 1, got {self.lora_r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_r
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = self.lora_target_modules
+        if isinstance(targets, str):
+            if targets != "all-linear":
+                raise ConfigError(f"lora_target_modules must be 'all-linear' or a list of module names, "
+                                  f"got {targets!r}")
+        elif not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"lora_target_modules must be 'all-linear' or a non-empty list of module names, "
+                              f"got {list(targets)!r}")
+        if self.training_stage not in TRAINING_STAGES:
+            raise ConfigError(f"training_stage must be one of {', '.join(TRAINING_STAGES)}, "
+                              f"got {self.training_stage!r}")
+        if self.generation_top_k < 1:
+            raise ConfigError(f"generation_top_k must be at least 1, got {self.generation_top_k}")
+        if not self.retrieval_temperature > 0:
+            raise ConfigError(f"retrieval_temperature must be positive, got {self.retrieval_temperature}")
+        if self.mse_loss_weight < 0:
+            raise ConfigError(f"mse_loss_weight must be zero or positive, got {self.mse_loss_weight}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        self.n_mem_tokens = self.doc_max_length // self.compress_rate
+
+    def _check_types(self) -> None:
+        """Type errors first, so a JSON "16" or true in place of a number is named, not compared."""
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            kind = _CLARA_FIELD_KINDS[f.name]
+            ok = {
+                "int": isinstance(value, int) and not isinstance(value, bool),
+                "bool": isinstance(value, bool),
+                "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                "number?": value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                             and math.isfinite(value)),
+                "str": isinstance(value, str),
+                "modules": isinstance(value, (str, tuple)),
+            }[kind]
+            if not ok:
+                expected = {"int": "an integer", "bool": "true or false", "number": "a finite number",
+                            "number?": "a finite number or null", "str": "a string",
+                            "modules": "'all-linear' or a list of module names"}[kind]
+                raise ConfigError(f"{f.name} must be {expected}, got {value!r}")
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def lora_scaling(self) -> float:
+        """alpha / r, the factor on the LoRA update B A x."""
+        return self.lora_alpha / self.lora_r
+
+    def memory_tokens(self) -> list[str]:
+        """The n_mem_tokens placeholder strings of one document slot, in order."""
+        if self.distinct_mem_tokens:
+            return [mem_token(i) for i in range(self.n_mem_tokens)]
+        return [MEM_TOKEN] * self.n_mem_tokens
+
+    def special_tokens(self) -> list[str]:
+        """The token strings to add to the tokenizer (each once): memory tokens, <ENC>, <SEP>, <AE>.
+
+        <SEP> is added even when sep_token is False so that the vocabulary, and with it a
+        checkpoint's embedding rows, does not depend on that switch.
+        """
+        mem = self.memory_tokens() if self.distinct_mem_tokens else [MEM_TOKEN]
+        return [*mem, ENC_TOKEN, SEP_TOKEN, AE_TOKEN]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The init fields, JSON-ready (n_mem_tokens is derived, so not written)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if isinstance(out["lora_target_modules"], tuple):
+            out["lora_target_modules"] = list(out["lora_target_modules"])
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClaraConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"ClaraConfig.from_dict expects a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            noun = "field" if len(unknown) == 1 else "fields"
+            raise ConfigError(f"unknown ClaraConfig {noun}: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# How each ClaraConfig field is type-checked (see ClaraConfig._check_types).
+_CLARA_FIELD_KINDS = {
+    "compress_rate": "int", "doc_max_length": "int", "distinct_mem_tokens": "bool",
+    "train_mem_embeddings": "bool", "sep_token": "bool", "lora_r": "int", "lora_alpha": "number?",
+    "lora_dropout": "number", "lora_target_modules": "modules", "training_stage": "str",
+    "generation_top_k": "int", "retrieval_temperature": "number", "mse_loss": "bool",
+    "mse_loss_weight": "number", "qa_loss": "bool", "max_new_tokens": "int",
+}
