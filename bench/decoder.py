@@ -76,13 +76,16 @@ def add_lora_hooks(model: nn.Module, rank: int = 16, seed: int = 0) -> list[nn.P
     return params
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
+def side_by_side(ours_fn, ref_fn, repeats: int) -> tuple[float, float]:
+    """Median seconds of each after one warm-up, the two run alternately so both see the same machine."""
+    ours_fn(), ref_fn()
+    t_ours, t_ref = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, times in ((ours_fn, t_ours), (ref_fn, t_ref)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(t_ours), statistics.median(t_ref)
 
 
 def run(dtype_name: str, repeats: int) -> list[tuple[str, float, float]]:
@@ -106,13 +109,9 @@ def run(dtype_name: str, repeats: int) -> list[tuple[str, float, float]]:
         with torch.inference_mode():
             ref(input_ids=prefill_ids, logits_to_keep=1, use_cache=False)
 
-    prefill_ours(), prefill_ref()  # warm-up
-    t_ours, t_ref = [], []
-    for _ in range(repeats):
-        t_ours.append(median_time(prefill_ours, 1))
-        t_ref.append(median_time(prefill_ref, 1))
+    t_ours, t_ref = side_by_side(prefill_ours, prefill_ref, repeats)
     n = prefill_ids.numel()
-    rows.append(("prefill 4x512", n / statistics.median(t_ours), n / statistics.median(t_ref)))
+    rows.append(("prefill 4x512", n / t_ours, n / t_ref))
 
     # ---- decode ----
     def decode_ours():
@@ -125,12 +124,8 @@ def run(dtype_name: str, repeats: int) -> list[tuple[str, float, float]]:
                                min_new_tokens=128, do_sample=False, pad_token_id=2)
         assert out.shape[1] == 32 + 128
 
-    decode_ours(), decode_ref()
-    t_ours, t_ref = [], []
-    for _ in range(repeats):
-        t_ours.append(median_time(decode_ours, 1))
-        t_ref.append(median_time(decode_ref, 1))
-    rows.append(("decode 1x128", 128 / statistics.median(t_ours), 128 / statistics.median(t_ref)))
+    t_ours, t_ref = side_by_side(decode_ours, decode_ref, repeats)
+    rows.append(("decode 1x128", 128 / t_ours, 128 / t_ref))
 
     # ---- train step ----
     apply_lora(ours, ["bench"], r=16, alpha=32, target_modules="all-linear")
@@ -139,7 +134,7 @@ def run(dtype_name: str, repeats: int) -> list[tuple[str, float, float]]:
     lora_ref = add_lora_hooks(ref)
     ours.train(), ref.train()
 
-    def step(model, params, call):
+    def step(params, call):
         for p in params:
             p.grad = None
         logits = call()
@@ -147,18 +142,14 @@ def run(dtype_name: str, repeats: int) -> list[tuple[str, float, float]]:
         loss.backward()
 
     def train_ours():
-        step(ours, lora_ours, lambda: ours(train_ids).logits)
+        step(lora_ours, lambda: ours(train_ids).logits)
 
     def train_ref():
-        step(ref, lora_ref, lambda: ref(input_ids=train_ids, use_cache=False).logits)
+        step(lora_ref, lambda: ref(input_ids=train_ids, use_cache=False).logits)
 
-    train_ours(), train_ref()
-    t_ours, t_ref = [], []
-    for _ in range(repeats):
-        t_ours.append(median_time(train_ours, 1))
-        t_ref.append(median_time(train_ref, 1))
+    t_ours, t_ref = side_by_side(train_ours, train_ref, repeats)
     n = train_ids.numel()
-    rows.append(("train step 2x512", n / statistics.median(t_ours), n / statistics.median(t_ref)))
+    rows.append(("train step 2x512", n / t_ours, n / t_ref))
     return rows
 
 
