@@ -5,13 +5,13 @@
     print(generate_text(model, tokenizer, "What is the capital of France?"))
 """
 
-from clara.config import DecoderConfig
+from clara.config import ClaraConfig, DecoderConfig
 from clara.decoder import Decoder, KVCache
 from clara.generate import generate, generate_text
 from clara.tokenizer import Tokenizer, load_tokenizer
 from clara.weights import WeightsError, extend_vocabulary, load_base
 
 __all__ = [
-    "Decoder", "DecoderConfig", "KVCache", "Tokenizer", "WeightsError",
+    "ClaraConfig", "Decoder", "DecoderConfig", "KVCache", "Tokenizer", "WeightsError",
     "extend_vocabulary", "generate", "generate_text", "load_base", "load_tokenizer",
 ]
