@@ -7,11 +7,20 @@
 
 from clara.config import ClaraConfig, DecoderConfig
 from clara.decoder import Decoder, KVCache
-from clara.generate import generate, generate_text
 from clara.tokenizer import Tokenizer, load_tokenizer
 from clara.weights import WeightsError, extend_vocabulary, load_base
 
 __all__ = [
     "ClaraConfig", "Decoder", "DecoderConfig", "KVCache", "Tokenizer", "WeightsError",
-    "extend_vocabulary", "generate", "generate_text", "load_base", "load_tokenizer",
+    "extend_vocabulary", "generate_text", "load_base", "load_tokenizer",
 ]
+
+
+def __getattr__(name):
+    # Imported lazily so `python -m clara.generate` does not find its module already imported.
+    # (`clara.generate` itself is the module; the function is `clara.generate.generate`.)
+    if name == "generate_text":
+        import importlib
+
+        return getattr(importlib.import_module("clara.generate"), name)
+    raise AttributeError(f"module 'clara' has no attribute {name!r}")
