@@ -16,15 +16,21 @@ FAMILY_CONFIGS = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> Decoder:
+def random_tiny_decoder(overrides: dict, seed: int = 0, std: float = 0.3, max_positions: int = 256) -> Decoder:
+    """A 2-layer decoder (vocab 101, hidden 48) with every parameter drawn from N(0, std)."""
     torch.manual_seed(seed)
     cfg = DecoderConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=256, **FAMILY_CONFIGS[family])
+                        num_attention_heads=4, max_position_embeddings=max_positions, **overrides)
     model = Decoder(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.3)  # peaky logits: greedy choices are far from ties
+            p.normal_(0, std)
     return model.eval()
+
+
+def tiny_model(family: str, seed: int = 0) -> Decoder:
+    # std 0.3 gives peaky logits: greedy choices are far from ties.
+    return random_tiny_decoder(FAMILY_CONFIGS[family], seed, std=0.3)
 
 
 def greedy_by_recompute(model, ids, n):

@@ -137,7 +137,7 @@ class FakeFlashAttn:
 
     @staticmethod
     def _one(q, k, v, scale, causal, window):  # q [Lq, H, D], k/v [Lk, G, D]
-        lq, lk = q.shape[0], k.shape[0]
+        lq = q.shape[0]
         out = naive_attention(q.permute(1, 0, 2)[None], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None],
                               None, window[0] + 1 if window[0] >= 0 else None)
         assert causal or lq == 1

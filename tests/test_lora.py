@@ -13,7 +13,6 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import build_attention_mask
 
-from clara.config import DecoderConfig
 from clara.decoder import Decoder
 from clara.lora import (
     LoRALinear,
@@ -32,6 +31,7 @@ from clara.lora import (
     unmerge_adapter,
     use_adapter,
 )
+from tests.test_generation import random_tiny_decoder
 
 ADAPTERS = ["encoder_adapter", "decoder_adapter", "query_reasoner_adapter"]
 FAMILIES = {
@@ -44,14 +44,7 @@ R, ALPHA = 4, 8  # CLaRa uses alpha = 2r
 
 
 def tiny_decoder(family: str = "llama", seed: int = 0) -> Decoder:
-    torch.manual_seed(seed)
-    cfg = DecoderConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64, **FAMILIES[family])
-    model = Decoder(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model.eval()
+    return random_tiny_decoder(FAMILIES[family], seed, std=0.1, max_positions=64)
 
 
 def lora_decoder(family: str = "llama", seed: int = 0, dropout: float = 0.0) -> Decoder:

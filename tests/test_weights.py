@@ -1,7 +1,6 @@
 """Loading weights from HF directories (single, sharded, hub cache) and GGUF; clear errors on bad input."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
