@@ -1,0 +1,254 @@
+"""Clara checkpoints: what a trained model adds to its base, as safetensors + JSON.
+
+A checkpoint directory holds
+    clara.json              format, ClaraConfig, the base (name, config fingerprint, weights probe),
+                            the added tokens with their ids, the adapters, a sha256 per file
+    adapters.safetensors    "<adapter>.<layer>.lora_A" [r, in] / ".lora_B" [out, r]
+    embeddings.safetensors  "memory_embeddings" (the trainable memory rows), "embed_rows" (every
+                            added token's row of the input embedding) and, for an untied head,
+                            "lm_head_rows" (+ "lm_head_bias_rows")
+The base weights are not copied: `load_clara` loads the recorded base and refuses one whose
+architecture or weights differ from the one the checkpoint was trained on.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so
+an interrupted save leaves the previous checkpoint (or nothing), never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from clara.config import ClaraConfig, ConfigError
+from clara.lora import adapter_state_dict, load_adapter_state_dict
+
+if TYPE_CHECKING:
+    from clara.model import Clara
+
+FORMAT = "clara-rag-checkpoint/1"
+CONFIG_FILE = "clara.json"
+ADAPTERS_FILE = "adapters.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def weights_probe(decoder) -> str:
+    """Hash of a few base tensors (final norm, first and last original embedding rows).
+
+    Two bases with one architecture (SmolLM2 base vs. instruct) share a config fingerprint; this
+    tells them apart without hashing the whole model.
+    """
+    h = hashlib.sha256()
+    for t in (decoder.norm.weight, decoder.embed_tokens.weight[:2], decoder.layers[0].input_norm.weight):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _added_token_ids(model: "Clara") -> dict[str, int]:
+    return {t: model.tokenizer.token_to_id(t) for t in model.config.special_tokens()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+# ---------------------------------------------------------------------------------------------
+def save_clara(model: "Clara", path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        adapters = {}
+        for name in model.adapter_names:
+            for key, value in adapter_state_dict(model.decoder, name).items():
+                adapters[f"{name}.{key}"] = value.cpu().contiguous()
+        save_file(adapters, tmp / ADAPTERS_FILE)
+
+        token_ids = _added_token_ids(model)
+        ids = torch.tensor(list(token_ids.values()), dtype=torch.long)
+        decoder = model.decoder
+        embeddings = {"memory_embeddings": model.memory_embeddings.detach().cpu().contiguous(),
+                      "embed_rows": decoder.embed_tokens.weight.detach()[ids.to(decoder.device)].cpu().contiguous()}
+        if decoder.lm_head is not None:
+            embeddings["lm_head_rows"] = decoder.lm_head.weight.detach()[ids.to(decoder.device)].cpu().contiguous()
+            if decoder.lm_head.bias is not None:
+                embeddings["lm_head_bias_rows"] = decoder.lm_head.bias.detach()[ids.to(decoder.device)].cpu().contiguous()
+        save_file(embeddings, tmp / EMBEDDINGS_FILE)
+
+        meta = {
+            "format": FORMAT,
+            "clara_config": model.config.to_dict(),
+            "base": {"name": model.base_name, "fingerprint": model.base_fingerprint,
+                     "weights_probe": weights_probe(decoder)},
+            "added_tokens": token_ids,
+            "memory_token_ids": model.memory_token_ids,
+            "adapters": model.adapter_names,
+            "dtype": str(decoder.dtype).removeprefix("torch."),
+            "sha256": {f: _sha256(tmp / f) for f in (ADAPTERS_FILE, EMBEDDINGS_FILE)},
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an existing target is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a directory")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)  # put the previous checkpoint back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+def read_checkpoint_meta(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not config_path.exists():
+        hint = " (an official CLaRa checkpoint? use clara.official.import_official_checkpoint)" if (
+            path / "adapters.pth").exists() else ""
+        raise CheckpointError(f"{config_path}: missing; not a Clara checkpoint{hint}")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path}: field 'format' must be {FORMAT!r}, got "
+                              f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+    for key in ("clara_config", "base", "added_tokens", "adapters", "sha256"):
+        if key not in meta:
+            raise CheckpointError(f"{config_path}: missing field {key!r}")
+    return meta
+
+
+def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing")
+    if expected_sha is not None and _sha256(path) != expected_sha:
+        raise CheckpointError(f"{path}: corrupted (its sha256 differs from the one recorded in {CONFIG_FILE})")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def load_clara(path: str | os.PathLike, *, base: str | None = None, training_stage: str | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               base_model=None) -> "Clara":
+    """Load a checkpoint written by save_clara.
+
+    base: where to load the base from, when it moved (default: the name recorded at save time).
+    base_model: an already loaded (decoder, tokenizer) pair to use instead (tests, custom bases).
+    training_stage: continue training in another stage. As the official release: stage1_2 keeps the
+        encoder adapter and starts a fresh decoder adapter; stage2 without a saved query reasoner
+        starts it from the encoder adapter.
+    """
+    from clara.model import DECODER, Clara, base_fingerprint
+    from clara.weights import load_base
+
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    config_path = path / CONFIG_FILE
+    try:
+        config = ClaraConfig.from_dict(meta["clara_config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: clara_config: {e}") from None
+    saved_stage = config.training_stage
+
+    base_name = base or meta["base"]["name"]
+    decoder, tokenizer = base_model if base_model is not None else load_base(base_name, dtype=dtype, device=device)
+    fingerprint = base_fingerprint(decoder.config, len(tokenizer))
+    if fingerprint != meta["base"]["fingerprint"]:
+        raise CheckpointError(f"{path}: trained on base {meta['base']['name']!r} (config {meta['base']['fingerprint']}), "
+                              f"but the base given, {base_name!r}, has config {fingerprint}; load the matching base")
+    if weights_probe(decoder) != meta["base"].get("weights_probe"):
+        raise CheckpointError(f"{path}: trained on base {meta['base']['name']!r}, but the weights of {base_name!r} "
+                              "differ (same architecture, other weights); load the matching base")
+
+    adapters = _load_tensors(path / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
+    embeddings = _load_tensors(path / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
+
+    model = Clara.from_decoder(decoder, tokenizer, config, base_name=meta["base"]["name"])
+    model.base_fingerprint = fingerprint
+    ids = _added_token_ids(model)
+    if ids != meta["added_tokens"]:
+        raise CheckpointError(f"{config_path}: the added tokens got ids {ids}, the checkpoint recorded "
+                              f"{meta['added_tokens']}; the tokenizer differs")
+    _load_embeddings(model, embeddings, path / EMBEDDINGS_FILE)
+
+    saved = meta["adapters"]
+    stage = training_stage or saved_stage
+    by_adapter: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in adapters.items():
+        name, _, rest = key.partition(".")
+        by_adapter.setdefault(name, {})[rest] = value
+    if sorted(by_adapter) != sorted(saved):
+        raise CheckpointError(f"{path / ADAPTERS_FILE}: holds adapters {sorted(by_adapter)}, {CONFIG_FILE} lists {saved}")
+    for name in saved:
+        if stage == "stage1_2" and saved_stage == "stage1" and name == DECODER:
+            continue  # instruction tuning starts a fresh generator on the stage-1 compressor
+        if name not in model.adapter_names:
+            from clara.lora import add_adapter
+
+            add_adapter(model.decoder, name, config.lora_r, config.lora_alpha, config.lora_dropout)
+        try:
+            load_adapter_state_dict(model.decoder, name, by_adapter[name])
+        except ValueError as e:
+            raise CheckpointError(f"{path / ADAPTERS_FILE}: {e}") from None
+    model.configure_training(stage)
+    return model.to(device)
+
+
+@torch.no_grad()
+def _load_embeddings(model: "Clara", tensors: dict[str, torch.Tensor], where: Path) -> None:
+    decoder = model.decoder
+    ids = torch.tensor(list(_added_token_ids(model).values()), dtype=torch.long, device=decoder.device)
+    expected = {"memory_embeddings": tuple(model.memory_embeddings.shape),
+                "embed_rows": (len(ids), decoder.config.hidden_size)}
+    if decoder.lm_head is not None:
+        expected["lm_head_rows"] = (len(ids), decoder.config.hidden_size)
+        if decoder.lm_head.bias is not None:
+            expected["lm_head_bias_rows"] = (len(ids),)
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"{where}: missing tensor {key!r}")
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"{where}: {key} has shape {list(tensors[key].shape)}, the model needs {list(shape)}")
+    model.memory_embeddings.copy_(tensors["memory_embeddings"])
+    decoder.embed_tokens.weight[ids] = tensors["embed_rows"].to(decoder.dtype).to(decoder.device)
+    if decoder.lm_head is not None:
+        decoder.lm_head.weight[ids] = tensors["lm_head_rows"].to(decoder.dtype).to(decoder.device)
+        if decoder.lm_head.bias is not None:
+            decoder.lm_head.bias[ids] = tensors["lm_head_bias_rows"].to(decoder.dtype).to(decoder.device)
