@@ -1,0 +1,452 @@
+"""The training loop every stage shares, written out: no Trainer, no callbacks.
+
+One optimizer step = one global batch of `train_batch_size` examples, split over the processes and
+then into micro-batches of `micro_train_batch_size` (gradient accumulation). The LM loss of a step
+is the sum of its answer-token cross-entropies divided by the answer tokens of the whole global
+batch (counted before the first backward and summed over processes), so 4 micro-batches of 1 give
+the same gradient as 1 micro-batch of 4. The MSE alignment loss (stage 1, `--mse_loss`) and the
+InfoNCE loss (stage2_pretrain_retrieval) are means over micro-batches.
+
+A run directory (`--save_path`) holds metrics.jsonl, loss_curve.png, the final model in `final/`
+and, unless `--ckpt_path` points elsewhere, the resumable checkpoints `step_N/`. A checkpoint is
+written after an optimizer step (every `--save_steps`, each epoch with -2, and on Ctrl-C), holds
+the trainable weights, optimizer, scheduler, loss scaler, RNG states and the data position, and
+resuming from it (`--load_checkpoint`) continues the loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from clara.config import ClaraConfig
+from clara.model import Clara
+from recipes import dataset as ds
+from recipes.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
+from recipes.precision import choose_precision, flash_attention_note, pick_device
+
+log = logging.getLogger("recipes.train")
+
+
+@dataclass
+class Position:
+    """Where the run is: the next optimizer step to take."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0  # optimizer steps done
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lm_loss: float | None
+    mse_loss: float | None
+    lr: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    steps: list[StepResult] = field(default_factory=list)
+    interrupted: bool = False
+    final_dir: Path | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [s.loss for s in self.steps]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def resolve_clara_checkpoint(name: str | None) -> Path | None:
+    """A Clara checkpoint directory, a run directory (then its final/), or None for a base model."""
+    if not name:
+        return None
+    path = Path(name)
+    if (path / "clara.json").is_file():
+        return path
+    if (path / "final" / "clara.json").is_file():
+        return path / "final"
+    return None
+
+
+def build_model(args, precision, device) -> Clara:
+    stage = args.stage
+    checkpoint = resolve_clara_checkpoint(args.pretrain_checkpoint) or resolve_clara_checkpoint(args.pretrain)
+    if args.pretrain_checkpoint and checkpoint is None:
+        raise FileNotFoundError(f"--pretrain_checkpoint {args.pretrain_checkpoint}: not a Clara checkpoint "
+                                "(no clara.json in it or in its final/)")
+    if checkpoint is not None:
+        base = args.pretrain if args.pretrain_checkpoint and not resolve_clara_checkpoint(args.pretrain) else None
+        model = Clara.from_pretrained(checkpoint, base=base, training_stage=stage, dtype=precision.weight_dtype,
+                                      device=device)
+    else:
+        config = ClaraConfig(compress_rate=args.compress_rate, doc_max_length=args.doc_max_length,
+                             training_stage=stage, lora_r=args.lora_rank, lora_alpha=args.lora_alpha,
+                             lora_dropout=args.lora_dropout, generation_top_k=args.generation_top_k,
+                             mse_loss=args.mse_loss, qa_loss=args.qa_loss,
+                             lora_target_modules="all-linear" if args.target_modules == ["all-linear"]
+                             else tuple(args.target_modules))
+        model = Clara.from_base(args.pretrain, config, dtype=precision.weight_dtype, device=device)
+    # Per-run switches override what a checkpoint recorded.
+    model.config.generation_top_k = args.generation_top_k
+    model.config.mse_loss = args.mse_loss
+    model.config.qa_loss = args.qa_loss
+    model.rng.seed(args.seed)
+    with torch.no_grad():
+        for _, p in model.trainable_named_parameters():
+            p.data = p.data.float()  # fp32 master weights; autocast casts them per multiply
+    model.decoder.set_gradient_checkpointing(args.gradient_checkpointing)
+    return model
+
+
+def make_optimizer(model: Clara, args) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.trainable_named_parameters():
+        # Weight decay pulls LoRA factors toward the base; it should not shrink token embeddings.
+        (no_decay if name == "memory_embeddings" else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.l2}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
+                             betas=tuple(args.adam_betas), eps=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
+# ---------------------------------------------------------------------------------------------
+def train_step(module, model: Clara, batches, optimizer, scaler, precision, device, dist: DistInfo,
+               max_norm: float) -> tuple[float, float | None, float | None, float, int]:
+    """Forward/backward over this rank's micro-batches, then one optimizer step.
+
+    Returns (loss, lm_loss, mse_loss, grad_norm, answer tokens of the global batch).
+    """
+    n_micro_local = len(batches)
+    n_micro = all_reduce_sum(n_micro_local, dist, device)
+    tokens = int(all_reduce_sum(sum(b.n_target_tokens for b in batches), dist, device))
+    lm_sum = mse_sum = other_sum = 0.0
+    for i, batch in enumerate(batches):
+        last = i == n_micro_local - 1
+        sync = contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
+        with sync:
+            with precision.autocast(device):
+                micro_loss, aux = module(batch)
+            # The scale that makes the sum over processes and micro-batches the global mean; DDP
+            # and FSDP average gradients over processes, hence the factor world_size.
+            w = dist.world_size
+            loss = torch.zeros((), device=device)
+            if aux.get("lm_loss_sum") is not None:
+                loss = loss + aux["lm_loss_sum"] * (w / max(tokens, 1))
+                lm_sum += float(aux["lm_loss_sum"].detach())
+            if aux.get("mse_loss") is not None:
+                loss = loss + model.config.mse_loss_weight * aux["mse_loss"] * (w / n_micro)
+                mse_sum += float(aux["mse_loss"].detach())
+            if aux.get("retrieval_loss") is not None:
+                loss = loss + micro_loss * (w / n_micro)
+                other_sum += float(aux["retrieval_loss"])
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    lm_total = all_reduce_sum(lm_sum, dist, device)
+    mse_total = all_reduce_sum(mse_sum, dist, device)
+    other_total = all_reduce_sum(other_sum, dist, device)
+    lm = lm_total / max(tokens, 1) if tokens else None
+    mse = mse_total / n_micro if model.config.mse_loss and batches and batches[0].stage in ("stage1", "stage1_2") \
+        else None
+    loss_value = (lm or 0.0) + (model.config.mse_loss_weight * mse if mse is not None else 0.0) + other_total / n_micro
+    return loss_value, lm, mse, grad_norm, tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def checkpoint_root(args) -> Path:
+    return Path(args.ckpt_path) if args.ckpt_path else Path(args.save_path)
+
+
+def train(args) -> TrainResult:
+    from recipes.plot import write_loss_curve_png
+    from recipes.schedule import lr_at
+    from recipes.train_state import find_latest_checkpoint
+
+    dist = init_distributed()
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = pick_device(args.device, dist.local_rank)
+    precision = choose_precision(device, args.bf16)
+    log.info("device %s, %s", device, precision.note)
+    if args.flash_attn:
+        log.info(flash_attention_note(device, precision.autocast_dtype))
+
+    model = build_model(args, precision, device)
+    n_trainable = sum(p.numel() for _, p in model.trainable_named_parameters())
+    log.info("stage %s: %d trainable parameters (%s)", args.stage, n_trainable,
+             ", ".join(sorted({n.split(".adapters.")[-1].split(".")[0] if ".adapters." in n else n
+                               for n, _ in model.trainable_named_parameters()})))
+    data_stage = "stage2" if args.stage == "stage2_pretrain_retrieval" else args.stage
+    examples = ds.load_examples(args.dataset, data_stage, max_samples=args.max_samples,
+                                top_k=args.generation_top_k)
+    if args.stage == "stage1":
+        examples = ds.select_stage1_rows(examples, args.qa_loss)
+    eval_examples = None
+    if args.eval_dataset:
+        eval_examples = ds.load_examples(args.eval_dataset, data_stage, max_samples=args.max_samples,
+                                         top_k=args.generation_top_k)
+        if args.stage == "stage1":
+            eval_examples = ds.select_stage1_rows(eval_examples, args.qa_loss)
+    log.info("%d training examples%s", len(examples),
+             f", {len(eval_examples)} evaluation examples" if eval_examples else "")
+
+    global_batch = args.train_batch_size
+    per_epoch = ds.steps_per_epoch(len(examples), global_batch)
+    total_steps = per_epoch * args.max_epochs
+    # --max_steps stops early, but the schedule spans the whole run, so a resumed run continues it.
+    stop_at = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
+    module, how = wrap_model(model, dist, args.zero_stage, device)
+    log.info("%s; %d steps (%d per epoch), global batch %d, micro-batch %d", how, total_steps, per_epoch,
+             global_batch, args.micro_train_batch_size)
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
+
+    position = Position()
+    root = checkpoint_root(args)
+    if args.load_checkpoint:
+        latest = find_latest_checkpoint(root)
+        if latest is not None:
+            position = restore_checkpoint(latest, model, optimizer, scaler)
+            log.info("resumed from %s at step %d", latest, position.global_step)
+        else:
+            log.info("--load_checkpoint: no checkpoint in %s; starting fresh", root)
+
+    save_path = Path(args.save_path)
+    if dist.is_main:
+        save_path.mkdir(parents=True, exist_ok=True)
+    result = TrainResult()
+    history = _read_history(save_path / "metrics.jsonl", position.global_step) if dist.is_main else []
+    model.train()
+    bar = tqdm(total=total_steps, initial=position.global_step, disable=not dist.is_main,
+               desc=f"{args.stage}", unit="step", dynamic_ncols=True)
+    try:
+        while position.global_step < stop_at:
+            order = ds.epoch_order(len(examples), args.seed, position.epoch)
+            indices = ds.global_batch_indices(order, position.step_in_epoch, global_batch)
+            mine = ds.rank_slice(indices, dist.rank, dist.world_size)
+            lr = lr_at(position.global_step, total_steps, args.learning_rate, warmup_ratio=args.lr_warmup_ratio,
+                       min_lr_ratio=getattr(args, "min_lr_ratio", 0.1), kind=args.lr_scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            batches = [model.collate([examples[i] for i in chunk], max_len=args.max_len)
+                       for chunk in ds.micro_batches(mine, args.micro_train_batch_size)]
+            loss, lm, mse, grad_norm, tokens = train_step(module, model, batches, optimizer, scaler, precision,
+                                                           device, dist, args.max_norm)
+            seconds = time.perf_counter() - started
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {position.global_step + 1}: loss is {loss}; stopping "
+                                         "(lower --learning_rate, or check the data)")
+            position.global_step += 1
+            position.step_in_epoch += 1
+            end_of_epoch = position.step_in_epoch >= per_epoch
+            if end_of_epoch:
+                position.epoch += 1
+                position.step_in_epoch = 0
+            step = StepResult(position.global_step, loss, lm, mse, lr, grad_norm, tokens, seconds)
+            result.steps.append(step)
+            history.append(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            if dist.is_main and (position.global_step % max(args.logging_steps, 1) == 0
+                                 or position.global_step == stop_at):
+                _append_metrics(save_path / "metrics.jsonl", step, position)
+            if eval_examples and args.eval_steps > 0 and position.global_step % args.eval_steps == 0:
+                _evaluate(model, module, eval_examples, args, precision, device, dist, save_path, position)
+            save_now = (args.save_steps > 0 and position.global_step % args.save_steps == 0) or (
+                args.save_steps == -2 and end_of_epoch)
+            if save_now and position.global_step < total_steps:
+                save_checkpoint(root, model, optimizer, scaler, position, args, dist)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        bar.close()
+        log.warning("interrupted: saving a checkpoint at step %d before exiting", position.global_step)
+        save_checkpoint(root, model, optimizer, scaler, position, args, dist)
+        shutdown(dist)
+        return result
+    bar.close()
+
+    if dist.is_main:
+        final = save_path / "final"
+        model.save_pretrained(final)
+        result.final_dir = final
+        log.info("saved the trained model to %s", final)
+        if history:
+            write_loss_curve_png(save_path / "loss_curve.png", [s.step for s in history], [s.loss for s in history],
+                                 title=f"{args.stage} training loss")
+    if eval_examples and (args.eval_steps <= 0 or position.global_step % args.eval_steps):
+        _evaluate(model, module, eval_examples, args, precision, device, dist, save_path, position)
+    barrier(dist)
+    shutdown(dist)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(root: Path, model: Clara, optimizer, scaler, position: Position, args, dist: DistInfo) -> None:
+    from recipes.train_state import capture_rng, prune_checkpoints, save_train_state, write_checkpoint_atomically
+
+    if not dist.is_main:
+        barrier(dist)
+        return
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory / "model")
+        save_train_state(directory, optimizer=optimizer, scheduler_state={},
+                         scaler_state=scaler.state_dict() if scaler is not None else None,
+                         rng=capture_rng(), data_position=asdict(position),
+                         extra={"model_rng": _jsonable_random_state(model.rng.getstate()),
+                                "args": {k: v for k, v in vars(args).items() if _is_json(v)}})
+
+    write_checkpoint_atomically(root, position.global_step, write)
+    prune_checkpoints(root, args.max_ckpt_num)
+    log.info("checkpoint: step %d saved in %s", position.global_step, root)
+    barrier(dist)
+
+
+def restore_checkpoint(directory: Path, model: Clara, optimizer, scaler) -> Position:
+    from clara.checkpoint import ADAPTERS_FILE, EMBEDDINGS_FILE, _load_tensors, read_checkpoint_meta
+    from clara.lora import load_adapter_state_dict
+    from recipes.train_state import load_train_state, restore_rng
+
+    meta = read_checkpoint_meta(directory / "model")
+    adapters = _load_tensors(directory / "model" / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
+    embeddings = _load_tensors(directory / "model" / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
+    by_adapter: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in adapters.items():
+        name, _, rest = key.partition(".")
+        by_adapter.setdefault(name, {})[rest] = value
+    for name, state in by_adapter.items():
+        load_adapter_state_dict(model.decoder, name, state)
+    with torch.no_grad():
+        model.memory_embeddings.copy_(embeddings["memory_embeddings"])
+    state = load_train_state(directory, optimizer)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    model.rng.setstate(_random_state_from_json(state["extra"]["model_rng"]))
+    return Position(**state["data_position"])
+
+
+def _jsonable_random_state(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _random_state_from_json(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+def _is_json(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and evaluation
+# ---------------------------------------------------------------------------------------------
+def _append_metrics(path: Path, step: StepResult, position: Position) -> None:
+    row = {"step": step.step, "epoch": position.epoch, "loss": step.loss, "lm_loss": step.lm_loss,
+           "mse_loss": step.mse_loss, "lr": step.lr, "grad_norm": step.grad_norm, "tokens": step.tokens,
+           "seconds": round(step.seconds, 4), "tokens_per_s": round(step.tokens / max(step.seconds, 1e-9), 2)}
+    with open(path, "a") as f:  # one short line per write: appends are atomic enough for a log
+        f.write(json.dumps(row) + "\n")
+
+
+def _read_history(path: Path, up_to_step: int) -> list[StepResult]:
+    """Earlier steps' metrics (a resumed run), dropping any logged after the checkpoint."""
+    if not path.exists():
+        return []
+    out, kept_lines = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= up_to_step:
+            kept_lines.append(line)
+            out.append(StepResult(row["step"], row["loss"], row.get("lm_loss"), row.get("mse_loss"), row["lr"],
+                                  row.get("grad_norm", 0.0), row.get("tokens", 0), row.get("seconds", 0.0)))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept_lines))
+    os.replace(tmp, path)
+    return out
+
+
+@torch.no_grad()
+def _evaluate(model: Clara, module, examples, args, precision, device, dist: DistInfo, save_path: Path,
+              position: Position) -> None:
+    """Mean loss over the evaluation set; with --do_eval_gen, a few generations and their F1."""
+    was_training = model.training
+    model.eval()
+    lm_sum, tokens, other, n = 0.0, 0, 0.0, 0
+    for chunk in ds.micro_batches(ds.rank_slice(list(range(len(examples))), dist.rank, dist.world_size),
+                                  args.micro_train_batch_size):
+        batch = model.collate([examples[i] for i in chunk], max_len=args.max_len)
+        with precision.autocast(device):
+            loss, aux = model(batch)
+        if aux.get("lm_loss_sum") is not None:
+            lm_sum += float(aux["lm_loss_sum"])
+            tokens += aux["n_tokens"]
+        else:
+            other += float(loss)
+            n += 1
+    lm_sum, tokens = all_reduce_sum(lm_sum, dist, device), all_reduce_sum(tokens, dist, device)
+    other, n = all_reduce_sum(other, dist, device), all_reduce_sum(n, dist, device)
+    eval_loss = lm_sum / tokens if tokens else other / max(n, 1)
+    row: dict[str, Any] = {"step": position.global_step, "eval_loss": eval_loss}
+    if args.do_eval_gen and dist.is_main and args.stage in ("stage1_2", "stage2"):
+        from data.metrics import answer_scores
+
+        sample = examples[: min(4, len(examples))]
+        questions = [e.question for e in sample]
+        docs = [list(e.docs) for e in sample]
+        if args.stage == "stage2":
+            answers, _ = model.generate_from_questions(questions, docs, max_new_tokens=64)
+        else:
+            answers = model.generate_from_text(questions, docs, max_new_tokens=64)
+        scores = answer_scores(answers, [list(e.gold_answers) or [e.answer] for e in sample])
+        row.update({f"eval_gen_{k}": v for k, v in scores.items()})
+        for e, a in zip(sample, answers):
+            tqdm.write(f"[eval gen] question: {e.question}\n           prediction: {a}\n           gold: {e.answer}")
+    if dist.is_main:
+        log.info("eval at step %d: %s", position.global_step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
+        with open(save_path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    model.train(was_training)

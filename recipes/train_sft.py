@@ -1,0 +1,30 @@
+"""Train CLaRa: `python -m recipes.train_sft --stage stage1|stage1_2|stage2|stage2_pretrain_retrieval ...`
+
+The flags are those of the official release's train_sft.py (see `--help`), so its published command
+lines run as written; DeepSpeed-only flags are accepted and ignored. Several processes:
+`torchrun --nproc_per_node N -m recipes.train_sft ...` (DDP, or FSDP2 with --zero_stage 2/3).
+`--dry_run` prints the memory plan of the configuration and exits without loading weights.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from recipes.args import parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        from recipes.planner import plan_from_args
+
+        print(plan_from_args(args))
+        return 0
+    from recipes.loop import train
+
+    result = train(args)
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
