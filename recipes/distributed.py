@@ -8,6 +8,7 @@ across ranks instead of copied. NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -78,3 +79,82 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, zero_stage: int, device: 
     device_ids = [device.index] if device.type == "cuda" else None
     return (DistributedDataParallel(model, device_ids=device_ids),
             f"DDP over {info.world_size} processes")
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module):
+    """Within the block every parameter of an FSDP2 model is a whole tensor on every rank.
+
+    A collective (all ranks must enter). Each sharded parameter is gathered and set on its module
+    in place of the shard, which is put back on exit; FSDP's own unshard()/reshard() pair cannot be
+    used for this on CPU, where gloo's gathered storage cannot be freed again.
+    """
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor):
+                module._parameters[name] = torch.nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+                swapped.append((module, name, param))
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+class FullStateOptimizer:
+    """An optimizer over FSDP2 (DTensor) parameters seen with whole tensors in its state dict.
+
+    state_dict() gathers each sharded state tensor (a collective); load_state_dict() cuts whole
+    tensors back into this rank's shards. So checkpoints hold the same, unsharded optimizer state
+    whatever the number of processes.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.class_name = type(optimizer).__name__
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict:
+        from torch.distributed.tensor import DTensor
+
+        sd = self.optimizer.state_dict()
+        # state_dict() shares the per-parameter dicts with the live optimizer: copy before replacing.
+        sd["state"] = {index: dict(entries) for index, entries in sd["state"].items()}
+        for entries in sd["state"].values():
+            for key, value in entries.items():
+                if isinstance(value, DTensor):
+                    entries[key] = value.full_tensor().cpu()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = self._params()
+        for index, entries in sd["state"].items():
+            p = params[int(index)]
+            if not isinstance(p, DTensor):
+                continue
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape):
+                    entries[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+        self.optimizer.load_state_dict(sd)
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` on every rank (in-process values, never read from a file)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

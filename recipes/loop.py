@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from clara.config import ClaraConfig
 from clara.model import Clara
 from recipes import dataset as ds
-from recipes.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
+from recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_sum, barrier, full_parameters, gather_objects,
+                                 init_distributed, is_sharded, shutdown, wrap_model)
 from recipes.precision import choose_precision, flash_attention_note, pick_device
 
 log = logging.getLogger("recipes.train")
@@ -162,7 +163,8 @@ def train_step(module, model: Clara, batches, optimizer, scaler, precision, devi
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -227,21 +229,21 @@ def train(args) -> TrainResult:
     total_steps = per_epoch * args.max_epochs
     # --max_steps stops early, but the schedule spans the whole run, so a resumed run continues it.
     stop_at = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
+    position = Position()
+    root = checkpoint_root(args)
+    latest = find_latest_checkpoint(root) if args.load_checkpoint else None
+    if args.load_checkpoint and latest is None:
+        log.info("--load_checkpoint: no checkpoint in %s; starting fresh", root)
+    if latest is not None:
+        restore_weights(latest, model)  # before sharding: the files hold whole tensors
     module, how = wrap_model(model, dist, args.zero_stage, device)
     log.info("%s; %d steps (%d per epoch), global batch %d, micro-batch %d", how, total_steps, per_epoch,
              global_batch, args.micro_train_batch_size)
-    optimizer = make_optimizer(model, args)
+    optimizer = make_optimizer(model, args)  # after wrapping: FSDP2 replaces the parameters
     scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
-
-    position = Position()
-    root = checkpoint_root(args)
-    if args.load_checkpoint:
-        latest = find_latest_checkpoint(root)
-        if latest is not None:
-            position = restore_checkpoint(latest, model, optimizer, scaler)
-            log.info("resumed from %s at step %d", latest, position.global_step)
-        else:
-            log.info("--load_checkpoint: no checkpoint in %s; starting fresh", root)
+    if latest is not None:
+        position = restore_training_state(latest, model, optimizer, scaler, dist)
+        log.info("resumed from %s at step %d", latest, position.global_step)
 
     save_path = Path(args.save_path)
     if dist.is_main:
@@ -298,11 +300,13 @@ def train(args) -> TrainResult:
         return result
     bar.close()
 
+    final = save_path / "final"
+    with full_parameters(model):
+        if dist.is_main:
+            model.save_pretrained(final)
+            result.final_dir = final
+            log.info("saved the trained model to %s", final)
     if dist.is_main:
-        final = save_path / "final"
-        model.save_pretrained(final)
-        result.final_dir = final
-        log.info("saved the trained model to %s", final)
         if history:
             write_loss_curve_png(save_path / "loss_curve.png", [s.step for s in history], [s.loss for s in history],
                                  title=f"{args.stage} training loss")
@@ -317,30 +321,47 @@ def train(args) -> TrainResult:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(root: Path, model: Clara, optimizer, scaler, position: Position, args, dist: DistInfo) -> None:
-    from recipes.train_state import capture_rng, prune_checkpoints, save_train_state, write_checkpoint_atomically
+    """Every rank takes part (sharded weights and optimizer state are gathered); rank 0 writes."""
+    from recipes.train_state import (capture_rng, prune_checkpoints, save_rng, save_train_state,
+                                     write_checkpoint_atomically)
 
-    if not dist.is_main:
-        barrier(dist)
-        return
+    rngs = gather_objects(capture_rng(), dist)
+    optimizer_state = _OptimizerSnapshot(
+        (FullStateOptimizer(optimizer) if is_sharded(model) else optimizer).state_dict(), type(optimizer).__name__)
 
     def write(directory: Path) -> None:
         model.save_pretrained(directory / "model")
-        save_train_state(directory, optimizer=optimizer, scheduler_state={},
+        save_train_state(directory, optimizer=optimizer_state, scheduler_state={},
                          scaler_state=scaler.state_dict() if scaler is not None else None,
-                         rng=capture_rng(), data_position=asdict(position),
+                         rng=rngs[0], data_position=asdict(position),
                          extra={"model_rng": _jsonable_random_state(model.rng.getstate()),
+                                "world_size": dist.world_size,
                                 "args": {k: v for k, v in vars(args).items() if _is_json(v)}})
+        for rank, rng in enumerate(rngs[1:], start=1):
+            save_rng(directory, rng, rank)
 
-    write_checkpoint_atomically(root, position.global_step, write)
-    prune_checkpoints(root, args.max_ckpt_num)
-    log.info("checkpoint: step %d saved in %s", position.global_step, root)
+    with full_parameters(model):
+        if dist.is_main:
+            write_checkpoint_atomically(root, position.global_step, write)
+            prune_checkpoints(root, args.max_ckpt_num)
+            log.info("checkpoint: step %d saved in %s", position.global_step, root)
     barrier(dist)
 
 
-def restore_checkpoint(directory: Path, model: Clara, optimizer, scaler) -> Position:
+class _OptimizerSnapshot:
+    """An optimizer state dict taken once (gathering it is a collective) and written by rank 0."""
+
+    def __init__(self, state: dict, class_name: str):
+        self._state, self.class_name = state, class_name
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def restore_weights(directory: Path, model: Clara) -> None:
+    """Adapters and memory embeddings of a step checkpoint, into a model not yet sharded."""
     from clara.checkpoint import ADAPTERS_FILE, EMBEDDINGS_FILE, _load_tensors, read_checkpoint_meta
     from clara.lora import load_adapter_state_dict
-    from recipes.train_state import load_train_state, restore_rng
 
     meta = read_checkpoint_meta(directory / "model")
     adapters = _load_tensors(directory / "model" / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
@@ -353,7 +374,13 @@ def restore_checkpoint(directory: Path, model: Clara, optimizer, scaler) -> Posi
         load_adapter_state_dict(model.decoder, name, state)
     with torch.no_grad():
         model.memory_embeddings.copy_(embeddings["memory_embeddings"])
-    state = load_train_state(directory, optimizer)
+
+
+def restore_training_state(directory: Path, model: Clara, optimizer, scaler, dist: DistInfo) -> Position:
+    from recipes.train_state import load_train_state, restore_rng
+
+    view = FullStateOptimizer(optimizer) if is_sharded(model) else optimizer
+    state = load_train_state(directory, view, rank=dist.rank)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
