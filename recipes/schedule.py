@@ -1,0 +1,104 @@
+"""Learning-rate schedules, step by optimizer step, as the official CLI gets them from transformers.
+
+With W = ceil(warmup_ratio * total_steps) warmup steps and progress p = (step - W) / max(1, total - W):
+
+    warmup (step < W):     lr = base_lr * step / W                       (0 at step 0)
+    cosine_with_min_lr:    lr = base_lr * (m + (1 - m) * (1 + cos(pi p)) / 2),   m = min_lr_ratio
+    cosine:                the same with m = 0
+    linear:                lr = base_lr * max(0, (total - step) / max(1, total - W))
+    constant_with_warmup:  lr = base_lr after warmup
+    constant:              lr = base_lr always (no warmup)
+
+`step` counts optimizer steps already taken, so the first update uses lr_at(0). The official CLI
+passes min_lr = 0.1 * learning_rate, hence min_lr_ratio = 0.1. Past total_steps the cosine stays at
+its end value (transformers' would climb again).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from recipes.args import LR_SCHEDULERS
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def lr_factor(step: int, total_steps: int, warmup_ratio: float = 0.03, min_lr_ratio: float = 0.1,
+              kind: str = "cosine_with_min_lr") -> float:
+    """The multiplier of the base learning rate after `step` optimizer steps."""
+    if kind not in LR_SCHEDULERS:
+        raise ValueError(f"unknown lr schedule {kind!r}; choose one of {', '.join(LR_SCHEDULERS)}")
+    if step < 0 or total_steps < 1:
+        raise ValueError(f"need step >= 0 and total_steps >= 1, got step={step}, total_steps={total_steps}")
+    if kind == "constant":
+        return 1.0
+    warm = warmup_steps(total_steps, warmup_ratio)
+    if step < warm:
+        return step / warm
+    if kind == "constant_with_warmup":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "cosine":
+        return cosine
+    return cosine * (1.0 - min_lr_ratio) + min_lr_ratio
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_ratio: float = 0.03, min_lr_ratio: float = 0.1,
+          kind: str = "cosine_with_min_lr") -> float:
+    return base_lr * lr_factor(step, total_steps, warmup_ratio, min_lr_ratio, kind)
+
+
+class LRSchedule:
+    """Sets every param group's lr from its own base lr and the step count.
+
+    Construction sets the lr for step 0; call `step()` after each optimizer step. The state is a
+    small JSON-able dict, so a checkpoint stores it without pickle.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03,
+                 min_lr_ratio: float = 0.1, kind: str = "cosine_with_min_lr"):
+        lr_factor(0, total_steps, warmup_ratio, min_lr_ratio, kind)  # validates the arguments
+        self.optimizer = optimizer
+        self.total_steps, self.warmup_ratio, self.min_lr_ratio, self.kind = total_steps, warmup_ratio, min_lr_ratio, kind
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.steps_done = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = lr_factor(self.steps_done, self.total_steps, self.warmup_ratio, self.min_lr_ratio, self.kind)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def step(self) -> None:
+        self.steps_done += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "total_steps": self.total_steps, "warmup_ratio": self.warmup_ratio,
+                "min_lr_ratio": self.min_lr_ratio, "base_lrs": list(self.base_lrs), "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"scheduler state has keys {sorted(state)}, expected {sorted(expected)}")
+        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"scheduler state has {len(state['base_lrs'])} base lrs but the optimizer has "
+                             f"{len(self.optimizer.param_groups)} param groups")
+        lr_factor(int(state["steps_done"]), int(state["total_steps"]), float(state["warmup_ratio"]),
+                  float(state["min_lr_ratio"]), state["kind"])
+        self.kind, self.total_steps = state["kind"], int(state["total_steps"])
+        self.warmup_ratio, self.min_lr_ratio = float(state["warmup_ratio"]), float(state["min_lr_ratio"])
+        self.base_lrs = [float(x) for x in state["base_lrs"]]
+        self.steps_done = int(state["steps_done"])
+        self._apply()

@@ -1,0 +1,362 @@
+"""Model-independent parts of the training recipes: flags, lr schedule, checkpoint state, loss PNG."""
+
+import json
+import math
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recipes.args import LR_SCHEDULERS, build_parser, parse_args
+from recipes.plot import BLUE, WHITE, write_loss_curve_png
+from recipes.schedule import LRSchedule, lr_at, lr_factor
+from recipes.train_state import (
+    CheckpointError,
+    capture_rng,
+    checkpoint_temp_dir,
+    find_latest_checkpoint,
+    load_rng,
+    load_train_state,
+    prune_checkpoints,
+    restore_rng,
+    save_rng,
+    save_train_state,
+    step_dir_name,
+    write_checkpoint_atomically,
+)
+
+# The seed's stage1 command line from issue 5 (save path filled in).
+SEED_CMD = ("--pretrain microsoft/phi-2 --dataset nutrition_train.jsonl --train_batch_size 16 "
+            "--micro_train_batch_size 2 --max_len 2048 --max_epochs 3 --learning_rate 1e-4 --save_path ckpt/run "
+            "--save_steps 500 --logging_steps 10 --stage stage1 --compress_rate 32 --doc_max_length 256 "
+            "--mse_loss --qa_loss --zero_stage 2 --bf16 --flash_attn").split()
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags
+# ------------------------------------------------------------------------------------------------
+def test_seed_command_line_parses_to_the_given_values():
+    a = parse_args(SEED_CMD)
+    assert (a.pretrain, a.dataset, a.save_path, a.stage) == ("microsoft/phi-2", "nutrition_train.jsonl", "ckpt/run", "stage1")
+    assert (a.train_batch_size, a.micro_train_batch_size, a.max_len, a.max_epochs) == (16, 2, 2048, 3)
+    assert a.learning_rate == 1e-4 and (a.save_steps, a.logging_steps) == (500, 10)
+    assert (a.compress_rate, a.doc_max_length, a.zero_stage) == (32, 256, 2)
+    assert a.mse_loss and a.qa_loss and a.bf16 and a.flash_attn
+    assert not a.gradient_checkpointing and not a.load_checkpoint and not a.dry_run
+
+
+def test_defaults_are_the_official_ones():
+    # Values of ml-clara openrlhf/cli/train_sft.py's parser.
+    a = parse_args(["--pretrain", "m", "--dataset", "d"])
+    official = dict(pretrain_checkpoint=None, stage="stage1", generation_top_k=1, doc_max_length=256, compress_rate=32,
+                    qa_loss=True, stage2_mips=False, stage2_retrieval_top_n=1, mse_loss=False, do_eval_gen=False,
+                    save_path="./ckpt", save_steps=-1, ckpt_path="./ckpt/checkpoints_sft", load_checkpoint=False,
+                    max_ckpt_num=3, max_epochs=2, learning_rate=5e-6, lr_warmup_ratio=0.03,
+                    lr_scheduler="cosine_with_min_lr", l2=0.0, adam_betas=(0.9, 0.95), max_norm=1.0,
+                    micro_train_batch_size=8, train_batch_size=128, local_rank=-1, zero_stage=2, bf16=False,
+                    gradient_checkpointing=False, flash_attn=False, eval_dataset=None, dataset_split="train",
+                    max_samples=1000000, max_len=2048, logging_steps=1, eval_steps=-1, seed=42)
+    assert {k: getattr(a, k) for k in official} == official
+    assert (a.dry_run, a.memory_budget_gb, a.device, a.lora_rank, a.max_steps) == (False, 15.0, "auto", 16, -1)
+
+
+def test_every_flag_has_help_and_ignored_ones_say_so(capsys):
+    parser = build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), f"{action.option_strings} has no help"
+    ignored = {opt for action in parser._actions if "ignored" in action.help for opt in action.option_strings}
+    assert {"--adam_offload", "--zpg", "--overlap_comm", "--local_rank", "--use_wandb"} <= ignored
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    assert "--memory_budget_gb" in capsys.readouterr().out
+
+
+def test_deepspeed_only_flags_are_accepted():
+    a = parse_args(SEED_CMD + ["--adam_offload", "--zpg", "8", "--overlap_comm", "--local_rank", "3",
+                               "--use_wandb", "key", "--save_hf_ckpt", "--disable_ds_ckpt"])
+    assert a.zpg == 8 and a.local_rank == 3
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--train_batch_size", "10", "--micro_train_batch_size", "4"], ["--train_batch_size 10", "--micro_train_batch_size 4"]),
+    (["--compress_rate", "30"], ["--doc_max_length 256", "--compress_rate 30", "240 or 270"]),
+    (["--save_steps", "0"], ["--save_steps"]),
+    (["--dataset_probs", "0.5,0.5"], ["--dataset_probs has 2 values", "1 source"]),
+    (["--ds_tensor_parallel_size", "2"], ["--ds_tensor_parallel_size 2"]),
+])
+def test_bad_values_name_the_flags(extra, names, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(SEED_CMD + extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for name in names:
+        assert name in err
+
+
+def test_qa_loss_can_be_switched_off():
+    assert parse_args(SEED_CMD + ["--no_qa_loss"]).qa_loss is False
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ------------------------------------------------------------------------------------------------
+def test_cosine_with_min_lr_exact_points():
+    total, base = 200, 1e-4  # warmup = ceil(0.03 * 200) = 6 steps
+    assert lr_at(0, total, base) == 0.0
+    assert lr_at(3, total, base) == base * 3 / 6
+    assert lr_at(6, total, base) == base  # end of warmup: cos(0) = 1
+    assert lr_at(6 + 97, total, base) == pytest.approx(base * 0.55, rel=1e-12)  # halfway: 0.1 + 0.9 / 2
+    assert lr_at(total, total, base) == pytest.approx(base * 0.1, rel=1e-15)
+    assert lr_at(total + 50, total, base) == lr_at(total, total, base)  # stays at the floor
+
+
+def test_other_kinds_exact_points():
+    assert lr_factor(0, 100, kind="constant") == 1.0
+    assert [lr_factor(s, 100, kind="constant_with_warmup") for s in (0, 1, 2, 3, 50)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]
+    assert lr_factor(3 + 97 // 2, 100, kind="linear") == (100 - 51) / 97
+    assert lr_factor(100, 100, kind="cosine") == 0.0
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_factor(0, 10, kind="exponential")
+
+
+@pytest.mark.parametrize("kind", LR_SCHEDULERS)
+def test_schedule_matches_transformers(kind):
+    optimization = pytest.importorskip("transformers.optimization")
+    total, base = 57, 3e-4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    extra = {"scheduler_specific_kwargs": {"min_lr": base * 0.1}} if kind == "cosine_with_min_lr" else {}
+    ref = optimization.get_scheduler(kind, opt, num_warmup_steps=math.ceil(total * 0.03), num_training_steps=total, **extra)
+    for step in range(total + 1):
+        assert lr_at(step, total, base, kind=kind) == pytest.approx(ref.get_last_lr()[0], rel=1e-12, abs=1e-20), step
+        opt.step()
+        ref.step()
+
+
+def test_schedule_drives_param_groups_and_resumes_from_json():
+    def fresh():
+        params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+        opt = torch.optim.AdamW([{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 2e-3}])
+        return opt, LRSchedule(opt, total_steps=40)
+
+    _, sched = fresh()
+    lrs = []
+    for _ in range(40):
+        lrs.append(sched.get_last_lr())
+        sched.step()
+    assert lrs[0] == [0.0, 0.0]
+    assert lrs[2] == [pytest.approx(1e-3 * 2 / 2), pytest.approx(2e-3)]  # warmup ceil(1.2) = 2 steps
+    _, sched2 = fresh()
+    for _ in range(17):
+        sched2.step()
+    state = json.loads(json.dumps(sched2.state_dict()))
+    opt3, sched3 = fresh()
+    sched3.load_state_dict(state)
+    assert [g["lr"] for g in opt3.param_groups] == lrs[17]
+    sched3.step()
+    assert sched3.get_last_lr() == lrs[18]
+    with pytest.raises(ValueError, match="param groups"):
+        LRSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 10).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training state
+# ------------------------------------------------------------------------------------------------
+def adamw_after_steps(params, steps: int, seed: int = 0):
+    opt = torch.optim.AdamW([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 5e-3,
+                                                                  "weight_decay": 0.0}], betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in [(4, 3), (3,), (2, 5)]]
+
+
+def test_optimizer_round_trip_gives_bit_identical_next_step(tmp_path):
+    params = make_params()
+    opt = adamw_after_steps(params, 3)
+    sched = {"kind": "constant", "steps_done": 3}
+    save_train_state(tmp_path, optimizer=opt, scheduler_state=sched, scaler_state={"scale": 1024.0, "_growth_tracker": 7},
+                     rng=capture_rng(), data_position={"epoch": 1, "consumed": 48}, extra={"global_step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer.safetensors", "rng_rank0.safetensors", "train_state.json"]
+
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = torch.optim.AdamW([{"params": clones[:2], "lr": 0.5}, {"params": clones[2:], "lr": 0.5}], betas=(0.5, 0.5))
+    rest = load_train_state(tmp_path, fresh)
+    assert rest["scheduler"] == sched and rest["scaler"] == {"scale": 1024.0, "_growth_tracker": 7}
+    assert rest["data_position"] == {"epoch": 1, "consumed": 48} and rest["extra"] == {"global_step": 3}
+    assert fresh.param_groups[0]["betas"] == (0.9, 0.95) and fresh.param_groups[1]["lr"] == 5e-3
+
+    g = torch.Generator().manual_seed(99)
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    for ps, o in ((params, opt), (clones, fresh)):
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        o.step()
+    for a, b in zip(params, clones):
+        assert torch.equal(a, b)
+
+
+class WrappedOptimizer:
+    """Like recipes.distributed.FullStateOptimizer: state_dict/load_state_dict + class_name + .optimizer."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.class_name = optimizer, type(optimizer).__name__
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd):
+        self.optimizer.load_state_dict(sd)
+
+
+def test_wrapped_optimizer_round_trips_under_the_wrapped_class_name(tmp_path):
+    params = make_params()
+    save_train_state(tmp_path, optimizer=WrappedOptimizer(adamw_after_steps(params, 2)), scheduler_state={},
+                     scaler_state=None, rng=capture_rng(), data_position={}, extra={})
+    assert json.loads((tmp_path / "train_state.json").read_text())["optimizer"]["class"] == "AdamW"
+    plain = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}])
+    load_train_state(tmp_path, plain)  # a bare AdamW reads what the wrapper wrote
+    assert int(plain.state[params[0]]["step"]) == 2
+    with pytest.raises(CheckpointError, match="optimizer.class is 'AdamW' but the run uses SGD"):
+        load_train_state(tmp_path, torch.optim.SGD(params, lr=0.1))
+
+
+def test_rng_round_trip_restores_every_generator(tmp_path):
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    np.random.standard_normal()  # leave a cached Gaussian in NumPy's state
+    save_rng(tmp_path, capture_rng(), rank=1)
+
+    def draw():
+        return random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()
+
+    first = draw()
+    restore_rng(load_rng(tmp_path, rank=1))
+    assert draw() == first
+    with pytest.raises(CheckpointError, match="rng_rank0.safetensors: file not found"):
+        load_rng(tmp_path, rank=0)
+
+
+def test_broken_checkpoint_files_name_the_file(tmp_path):
+    params = make_params()
+    opt = adamw_after_steps(params, 1)
+    save_train_state(tmp_path, optimizer=opt, scheduler_state={}, scaler_state=None, rng=capture_rng(),
+                     data_position={}, extra={})
+    state_file, tensor_file = tmp_path / "train_state.json", tmp_path / "optimizer.safetensors"
+    good_json, good_tensors = state_file.read_text(), tensor_file.read_bytes()
+
+    state_file.write_text(good_json[: len(good_json) // 2])
+    with pytest.raises(CheckpointError, match=r"train_state\.json:\d+: not valid JSON"):
+        load_train_state(tmp_path, opt)
+    state_file.write_text(good_json)
+
+    tensor_file.write_bytes(good_tensors[:40])
+    with pytest.raises(CheckpointError, match="optimizer.safetensors: not a readable safetensors file"):
+        load_train_state(tmp_path, opt)
+    tensor_file.unlink()
+    with pytest.raises(CheckpointError, match="optimizer.safetensors: file not found"):
+        load_train_state(tmp_path, opt)
+    tensor_file.write_bytes(good_tensors)
+
+    other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(CheckpointError, match="train_state.json: optimizer.param_groups hold"):
+        load_train_state(tmp_path, other)
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        load_train_state(tmp_path / "nope", opt)
+
+
+def test_atomic_checkpoint_folders_latest_and_pruning(tmp_path):
+    def writer(text):
+        return lambda d: (d / "payload.txt").write_text(text)
+
+    for step in (5, 10, 9):
+        write_checkpoint_atomically(tmp_path, step, writer(f"step {step}"))
+    assert (tmp_path / "latest").read_text() == "step_9\n"  # the marker names the last one written
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "step_10"  # the highest step wins
+
+    def crash(d):
+        (d / "payload.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint_atomically(tmp_path, 11, crash)
+    assert checkpoint_temp_dir(tmp_path, 11).is_dir() and not (tmp_path / "step_11").exists()
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "step_10"
+
+    write_checkpoint_atomically(tmp_path, 10, writer("again"))  # re-saving a step replaces it
+    assert (tmp_path / "step_10" / "payload.txt").read_text() == "again"
+    write_checkpoint_atomically(tmp_path, 11, writer("step 11"))  # a leftover temp folder is cleared
+    assert (tmp_path / "step_11" / "payload.txt").read_text() == "step 11"
+
+    removed = prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in removed) == ["step_5", "step_9"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_10", "step_11"]
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+    assert step_dir_name(7) == "step_7"
+    with pytest.raises(ValueError, match="max_ckpt_num"):
+        prune_checkpoints(tmp_path, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss-curve PNG
+# ------------------------------------------------------------------------------------------------
+def read_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    width, height, depth, color, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    return width, height, depth, color, raw, {k: b for k, b in chunks if k == b"tEXt"}
+
+
+def test_loss_curve_png_is_valid_and_draws_the_curve(tmp_path):
+    steps = list(range(1, 41))
+    losses = [3.0 * math.exp(-s / 12) + 0.2 for s in steps]
+    out = write_loss_curve_png(tmp_path / "loss.png", steps, losses, "stage1 loss")
+    width, height, depth, color, raw, text = read_png(out)
+    assert (width, height, depth, color) == (640, 400, 8, 2)
+    assert len(raw) == height * (1 + 3 * width)
+    assert text[b"tEXt"] == b"Title\x00stage1 loss"
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temp file left behind
+
+    rows = [raw[y * (1 + 3 * width) + 1:(y + 1) * (1 + 3 * width)] for y in range(height)]
+
+    def pixel(x, y):
+        return tuple(rows[y][3 * x:3 * x + 3])
+
+    assert pixel(width - 1, 0) == WHITE  # background outside the frame
+    blue = [(x, y) for y in range(height) for x in range(width) if pixel(x, y) == BLUE]
+    assert len(blue) > 200
+    # The curve falls: its leftmost pixels sit higher (smaller y) than its rightmost ones.
+    xs = sorted(x for x, _ in blue)
+    left_y = min(y for x, y in blue if x == xs[0])
+    right_y = max(y for x, y in blue if x == xs[-1])
+    assert left_y < right_y
+
+
+def test_loss_curve_png_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="2 steps but 1 losses"):
+        write_loss_curve_png(tmp_path / "a.png", [1, 2], [0.5], "t")
+    with pytest.raises(ValueError, match="no finite"):
+        write_loss_curve_png(tmp_path / "a.png", [1, 2], [float("nan"), float("inf")], "t")
+    # A single point and a flat curve still give a picture.
+    write_loss_curve_png(tmp_path / "one.png", [3], [1.0], "t")
+    assert read_png(tmp_path / "one.png")[:2] == (640, 400)
