@@ -57,8 +57,9 @@ class StepResult:
     mse_loss: float | None
     lr: float
     grad_norm: float
-    tokens: int
+    tokens: int  # answer tokens the loss counted
     seconds: float
+    input_tokens: int = 0  # every real token the step ran through the model (documents, queries, prompts)
 
 
 @dataclass
@@ -182,6 +183,14 @@ def train_step(module, model: Clara, batches, optimizer, scaler, precision, devi
     return loss_value, lm, mse, grad_norm, tokens
 
 
+def _input_tokens(batch) -> int:
+    n = int(batch.documents.attention_mask.sum())
+    for part in (batch.decoder, batch.query):
+        if part is not None:
+            n += int(part.attention_mask.sum())
+    return n
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +277,7 @@ def train(args) -> TrainResult:
             loss, lm, mse, grad_norm, tokens = train_step(module, model, batches, optimizer, scaler, precision,
                                                            device, dist, args.max_norm)
             seconds = time.perf_counter() - started
+            input_tokens = int(all_reduce_sum(sum(_input_tokens(b) for b in batches), dist, device))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {position.global_step + 1}: loss is {loss}; stopping "
                                          "(lower --learning_rate, or check the data)")
@@ -277,11 +287,11 @@ def train(args) -> TrainResult:
             if end_of_epoch:
                 position.epoch += 1
                 position.step_in_epoch = 0
-            step = StepResult(position.global_step, loss, lm, mse, lr, grad_norm, tokens, seconds)
+            step = StepResult(position.global_step, loss, lm, mse, lr, grad_norm, tokens, seconds, input_tokens)
             result.steps.append(step)
             history.append(step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{input_tokens / max(seconds, 1e-9):.0f}")
             if dist.is_main and (position.global_step % max(args.logging_steps, 1) == 0
                                  or position.global_step == stop_at):
                 _append_metrics(save_path / "metrics.jsonl", step, position)
@@ -410,7 +420,8 @@ def _is_json(v: Any) -> bool:
 def _append_metrics(path: Path, step: StepResult, position: Position) -> None:
     row = {"step": step.step, "epoch": position.epoch, "loss": step.loss, "lm_loss": step.lm_loss,
            "mse_loss": step.mse_loss, "lr": step.lr, "grad_norm": step.grad_norm, "tokens": step.tokens,
-           "seconds": round(step.seconds, 4), "tokens_per_s": round(step.tokens / max(step.seconds, 1e-9), 2)}
+           "seconds": round(step.seconds, 4), "input_tokens": step.input_tokens,
+           "tokens_per_s": round(step.input_tokens / max(step.seconds, 1e-9), 2)}
     with open(path, "a") as f:  # one short line per write: appends are atomic enough for a log
         f.write(json.dumps(row) + "\n")
 

@@ -4,12 +4,17 @@ accumulation matches one big batch, and two processes match one."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from recipes.args import parse_args
 from recipes.loop import train
@@ -119,3 +124,98 @@ def test_two_processes_match_one(setup, tmp_path, zero_stage):
     two = [m["loss"] for m in metrics(tmp_path / "two" / "run") if "loss" in m]
     assert len(two) == len(single) == 3
     assert max(abs(a - b) for a, b in zip(single, two)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages chain through checkpoints; small data; evaluation; interruption
+# ---------------------------------------------------------------------------------------------
+def test_stages_chain_through_checkpoints(setup, tmp_path):
+    """stage1 -> stage1_2 with --pretrain <run dir> -> stage2 with --pretrain_checkpoint, as the
+    official release: stage1_2 keeps the encoder and starts a fresh decoder adapter, stage2 starts
+    the query reasoner from the encoder."""
+    from clara.lora import adapter_state_dict
+    from clara.model import Clara
+
+    base, data = setup
+    few = ["--train_batch_size", "4", "--micro_train_batch_size", "2", "--max_epochs", "1", "--max_steps", "2",
+           "--learning_rate", "1e-2"]
+    train(parse_args(argv(base, data, "stage1", tmp_path / "s1", *few)))
+    stage1 = Clara.from_pretrained(tmp_path / "s1" / "run" / "final")
+    s12 = train(parse_args(argv(base, data, "stage1_2", tmp_path / "s12", *few)[:1] + [str(tmp_path / "s1" / "run")]
+                           + argv(base, data, "stage1_2", tmp_path / "s12", *few)[2:]))
+    assert len(s12.losses) == 2
+    args = argv(base, data, "stage2", tmp_path / "s2", *few, "--pretrain_checkpoint", str(tmp_path / "s12" / "run"))
+    s2 = train(parse_args(args))
+    assert len(s2.losses) == 2
+    stage2 = Clara.from_pretrained(tmp_path / "s2" / "run" / "final")
+    assert stage2.config.training_stage == "stage2"
+    assert sorted(stage2.adapter_names) == ["decoder_adapter", "encoder_adapter", "query_reasoner_adapter"]
+    # The compressor is frozen after stage 1_2, so stage 2 carries the stage-1_2 encoder unchanged.
+    stage12 = Clara.from_pretrained(tmp_path / "s12" / "run" / "final")
+    for key, value in adapter_state_dict(stage12.decoder, "encoder_adapter").items():
+        assert torch.equal(value, adapter_state_dict(stage2.decoder, "encoder_adapter")[key])
+    # stage1_2 trained its encoder further, starting from stage 1's.
+    assert any(not torch.equal(v, adapter_state_dict(stage12.decoder, "encoder_adapter")[k])
+               for k, v in adapter_state_dict(stage1.decoder, "encoder_adapter").items())
+
+
+def test_dataset_smaller_than_one_batch_trains(setup, tmp_path):
+    base, data = setup
+    result = train(parse_args(argv(base, data, "stage1_2", tmp_path, "--train_batch_size", "16",
+                                   "--micro_train_batch_size", "4", "--max_epochs", "2", "--max_samples", "5")))
+    assert len(result.losses) == 2  # one step per epoch, of the 5 examples there are
+    assert [m["input_tokens"] > 0 for m in metrics(tmp_path / "run")] == [True, True]
+
+
+def test_eval_dataset_and_sample_generations(setup, tmp_path, capsys):
+    base, data = setup
+    train(parse_args(argv(base, data, "stage1_2", tmp_path, "--train_batch_size", "2", "--micro_train_batch_size", "2",
+                          "--max_epochs", "1", "--max_steps", "2", "--eval_dataset", str(data["stage1_2"]),
+                          "--max_samples", "4", "--eval_steps", "1", "--do_eval_gen")))
+    rows = [m for m in metrics(tmp_path / "run") if "eval_loss" in m]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["eval_loss"]) and 0.0 <= r["eval_gen_f1"] <= 1.0 for r in rows)
+    assert "[eval gen] question:" in capsys.readouterr().out
+
+
+def test_hub_dataset_name_reads_through_datasets(setup, tmp_path, monkeypatch):
+    """A --dataset that names a hub dataset goes through `datasets.load_dataset` (stubbed here:
+    no network); its rows are validated like a file's."""
+    from data.formats import ValidationError
+    from recipes.dataset import load_examples
+
+    rows = [json.loads(line) for line in data_lines(setup[1]["stage1_2"])]
+    calls = []
+    fake = types.SimpleNamespace(load_dataset=lambda name, split: calls.append((name, split)) or rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    examples = load_examples("someone/nutrition-stage1_2", "stage1_2", max_samples=3)
+    assert calls == [("someone/nutrition-stage1_2", "train")] and len(examples) == 3
+    assert examples[0].question == rows[0]["question"]
+    fake.load_dataset = lambda name, split: [{"question": 7, "docs": ["d"], "answer": "a"}]
+    with pytest.raises(ValidationError, match=r"someone/bad\[train\]:1: question"):
+        load_examples("someone/bad", "stage1_2")
+
+
+def data_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(setup, tmp_path):
+    base, data = setup
+    args = argv(base, data, "stage1_2", tmp_path, "--train_batch_size", "2", "--micro_train_batch_size", "2",
+                "--max_epochs", "50", "--learning_rate", "1e-3")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.train_sft", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saving a checkpoint" in err
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "ckpt").glob("step_*"))
+    assert len(saved) == 1 and saved[0] >= 3
+    resumed = train(parse_args(args + ["--load_checkpoint", "--max_steps", str(saved[0] + 1)]))
+    assert len(resumed.losses) == 1 and resumed.steps[0].step == saved[0] + 1
