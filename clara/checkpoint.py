@@ -56,6 +56,12 @@ def weights_probe(decoder) -> str:
     return h.hexdigest()[:16]
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,6 +111,12 @@ def save_clara(model: "Clara", path: str | os.PathLike) -> None:
             "sha256": {f: _sha256(tmp / f) for f in (ADAPTERS_FILE, EMBEDDINGS_FILE)},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        # mkdtemp makes the directory private (0700) and safetensors writes its files 0600; give the
+        # checkpoint the modes a plain mkdir / open() would, so others sharing the runs can read it.
+        umask = current_umask()
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         _replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,6 +191,8 @@ def load_clara(path: str | os.PathLike, *, base: str | None = None, training_sta
     from clara.weights import load_base
 
     path = Path(path)
+    if not (path / CONFIG_FILE).exists() and (path / "final" / CONFIG_FILE).exists():
+        path = path / "final"  # a training run's folder: its final model
     meta = read_checkpoint_meta(path)
     config_path = path / CONFIG_FILE
     try:

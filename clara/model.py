@@ -26,7 +26,7 @@ sum and the count so a training loop can normalise over a whole accumulated batc
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -120,7 +120,9 @@ class Clara(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.tokenizer = tokenizer
-        self.config = config
+        # Our own copy: configure_training changes the stage in place, and a config object shared with
+        # the caller (or another model built from it) would switch that model's stage too.
+        self.config = replace(config)
         self.base_name = base_name
         self.base_fingerprint = base_fingerprint  # of the base's DecoderConfig before the vocabulary grew
         self.texts = texts
@@ -148,7 +150,9 @@ class Clara(nn.Module):
         extend_vocabulary(decoder, tokenizer, config.special_tokens())
         for p in decoder.parameters():
             p.requires_grad_(False)
-        apply_lora(decoder, STAGE_ADAPTERS[config.training_stage], r=config.lora_r, alpha=config.lora_alpha,
+        # The query reasoner is left to configure_training, which starts it as a copy of the encoder.
+        names = [a for a in STAGE_ADAPTERS[config.training_stage] if a != QUERY]
+        apply_lora(decoder, names, r=config.lora_r, alpha=config.lora_alpha,
                    dropout=config.lora_dropout, target_modules=config.lora_target_modules)
         return cls(decoder, tokenizer, config, base_name, fingerprint, texts)
 
@@ -272,7 +276,7 @@ class Clara(nn.Module):
         if len(n_docs) != 1:
             raise ValueError(f"examples of one batch need the same number of documents, got {sorted(n_docs)}")
         n_docs = n_docs.pop()
-        if stage in ("stage2", "stage2_pretrain_retrieval") and n_docs < self.config.generation_top_k:
+        if stage == "stage2" and n_docs < self.config.generation_top_k:
             raise ValueError(f"{stage} selects generation_top_k={self.config.generation_top_k} documents but "
                              f"the examples have only {n_docs} candidates")
         documents = encoder_inputs(self.tokenizer, self.config, [d for e in examples for d in e.docs])

