@@ -468,7 +468,10 @@ def _evaluate(model: Clara, module, examples, args, precision, device, dist: Dis
     other, n = all_reduce_sum(other, dist, device), all_reduce_sum(n, dist, device)
     eval_loss = lm_sum / tokens if tokens else other / max(n, 1)
     row: dict[str, Any] = {"step": position.global_step, "eval_loss": eval_loss}
-    if args.do_eval_gen and dist.is_main and args.stage in ("stage1_2", "stage2"):
+    if args.do_eval_gen and is_sharded(model) and dist.is_main:
+        log.info("--do_eval_gen: sample generations are skipped under FSDP2 (rank 0 alone cannot run a "
+                 "sharded model); run recipes.evaluate on the saved checkpoint instead")
+    elif args.do_eval_gen and dist.is_main and args.stage in ("stage1_2", "stage2"):
         from data.metrics import answer_scores
 
         sample = examples[: min(4, len(examples))]
