@@ -53,7 +53,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from kernels import linear
+from kernels import Dropout, linear
+from kernels.matmul import linear_lowrank
 
 ALL_LINEAR = "all-linear"
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -123,12 +124,20 @@ class LoRAAdapter(nn.Module):
         # Same initialisation as nn.Linear's weight: with B = 0 the adapter starts as the identity
         # change, and A already has a useful scale when B starts to move.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()  # fast CPU mask (kernels/dropout.py)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """(alpha/r) · A dropout(x): [..., r], in the adapter's dtype.
+
+        The scaling goes on this small tensor rather than on the [..., out] result: the same
+        product, one elementwise pass over r columns instead of out.
+        """
+        h = self.dropout(x.to(self.lora_A.dtype))
+        return linear(h, self.lora_A) * self.scaling
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha/r) · B A dropout(x), computed in the adapter's dtype and returned in x's."""
-        h = self.dropout(x.to(self.lora_A.dtype))
-        return (linear(linear(h, self.lora_A), self.lora_B) * self.scaling).to(x.dtype)
+        return linear(self.down(x), self.lora_B).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) · B A in fp32: [out, in]."""
@@ -209,10 +218,10 @@ class LoRALinear(nn.Module):
                 f"adapter {self.merged_adapter!r} is merged into the weight, but {active!r} is active; "
                 "unmerge it before using another adapter or the base model"
             )
-        out = linear(x, self.weight, self.bias)
         if active is None or active == self.merged_adapter:
-            return out
-        return out + self.adapter(active).delta(x)
+            return linear(x, self.weight, self.bias)
+        adapter = self.adapter(active)
+        return linear_lowrank(x, self.weight, self.bias, adapter.down(x), adapter.lora_B)
 
     def extra_repr(self) -> str:
         merged = f", merged={self.merged_adapter!r}" if self.merged_adapter else ""

@@ -1,6 +1,8 @@
 """Hot paths of the library: attention (flash-attn or SDPA) and the small fused CPU ops."""
 
 from kernels.attention import AttentionMask, attention, backend_name, build_attention_mask
-from kernels.matmul import Linear, cpu_has_native_bf16, linear
+from kernels.dropout import Dropout, dropout
+from kernels.matmul import Linear, cpu_has_native_bf16, linear, linear_lowrank
 
-__all__ = ["AttentionMask", "Linear", "attention", "backend_name", "build_attention_mask", "cpu_has_native_bf16", "linear"]
+__all__ = ["AttentionMask", "Dropout", "Linear", "attention", "backend_name", "build_attention_mask", "cpu_has_native_bf16", "dropout", "linear",
+           "linear_lowrank"]

@@ -1,4 +1,5 @@
-"""The attention entry point against a naive softmax(QK^T)V, and the widened low-precision linear."""
+"""The attention entry point against a naive softmax(QK^T)V, the widened low-precision linear, the
+fused LoRA linear (base + low-rank product in one buffer) and the fast CPU dropout."""
 
 import math
 import sys
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import kernels.matmul as klinear
-from kernels import attention, build_attention_mask, linear
+from kernels import Dropout, attention, build_attention_mask, dropout, linear, linear_lowrank
+from kernels.dropout import bernoulli_mask, keep_probability
 from kernels.attention import flash_attention_available
 
 
@@ -175,3 +177,102 @@ def test_flash_packing_glue_matches_sdpa(monkeypatch, padded, lq):
     sdpa = attention(q, k, v, mask, force_sdpa=True)
     real_rows = key_valid[:, -lq:]
     assert (flash.transpose(1, 2)[real_rows] - sdpa.transpose(1, 2)[real_rows]).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# The LoRA linear: W x + b + z B^T with the low-rank product accumulated into the base's buffer
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("lead", [(7,), (2, 5)])
+def test_linear_lowrank_value_and_gradients_match_the_plain_sum(with_bias, lead):
+    g = torch.Generator().manual_seed(len(lead) + with_bias)
+    x = torch.randn(*lead, 12, generator=g, requires_grad=True)
+    z = torch.randn(*lead, 3, generator=g, requires_grad=True)
+    w = torch.randn(10, 12, generator=g)
+    bias = torch.randn(10, generator=g) if with_bias else None
+    up = torch.randn(10, 3, generator=g, requires_grad=True)
+    out = linear_lowrank(x, w, bias, z, up)
+    expected = x @ w.T + (bias if with_bias else 0) + z @ up.T
+    assert out.shape == (*lead, 10)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (x, z, up), grad)
+    want = torch.autograd.grad(expected, (x, z, up), grad)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got[0], grad @ w, atol=1e-5)  # d/dx goes through W only
+
+
+def test_linear_lowrank_widened_sums_in_fp32_and_rounds_once(monkeypatch):
+    monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 64, generator=g).bfloat16()
+    w = torch.randn(32, 64, generator=g).bfloat16()
+    z = torch.randn(16, 4, generator=g)  # fp32 adapters on a bf16 base
+    up = torch.randn(32, 4, generator=g)
+    out = linear_lowrank(x, w, None, z, up)
+    assert out.dtype == torch.bfloat16
+    exact = x.double() @ w.double().T + z.double() @ up.double().T
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-5).all()  # within one bf16 ulp
+
+
+def test_linear_lowrank_under_autocast_is_the_plain_sum(monkeypatch):
+    monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: True)  # autocast picks the dtypes itself
+    x, z = torch.randn(6, 8), torch.randn(6, 2)
+    w, up = torch.randn(5, 8), torch.randn(5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_lowrank(x, w, None, z, up)
+        expected = F.linear(x, w) + F.linear(z, up).to(x.dtype)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout
+# ------------------------------------------------------------------------------------------------
+def test_keep_probability_is_p_on_the_16_bit_grid():
+    assert keep_probability(0.1) == (65536 - 6554) / 65536
+    assert keep_probability(0.5) == 0.5 and keep_probability(0.0) == 1.0
+
+
+def test_dropout_keeps_the_expected_fraction_and_scales_the_kept_values():
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000) + 1.0  # no zeros of its own
+    y = dropout(x, 0.1)
+    kept = y != 0
+    q = keep_probability(0.1)
+    n = x.numel()
+    # Binomial(n, q): six standard deviations (a false failure about once in 10^9 runs).
+    assert abs(int(kept.sum()) - n * q) < 6 * math.sqrt(n * q * (1 - q))
+    assert torch.allclose(y[kept], x[kept] / q, rtol=1e-6, atol=0)
+    rows, cols = kept.float().mean(1), kept.float().mean(0)  # no stripes: every row and column near q
+    assert rows.min() > q - 0.05 and cols.min() > q - 0.05
+
+
+def test_dropout_gradient_uses_the_forward_mask():
+    torch.manual_seed(1)
+    x = (torch.rand(64, 48) + 0.5).requires_grad_()  # no zeros of its own
+    y = dropout(x, 0.3)
+    grad = torch.randn(64, 48)
+    y.backward(grad)
+    kept = y.detach() != 0
+    assert 0 < int(kept.sum()) < kept.numel()
+    assert torch.allclose(x.grad, torch.where(kept, grad / keep_probability(0.3), 0.0), atol=1e-6)
+
+
+def test_dropout_masks_follow_torchs_seed():
+    torch.manual_seed(7)
+    first, second = bernoulli_mask((300, 300), 0.2), bernoulli_mask((300, 300), 0.2)
+    torch.manual_seed(7)
+    again = bernoulli_mask((300, 300), 0.2)
+    assert torch.equal(first, again)  # manual_seed (and restored RNG states) give the same masks
+    assert not torch.equal(first, second)  # a fresh mask per call
+    assert first.dtype == torch.uint8 and set(torch.unique(first).tolist()) == {0, 1}
+
+
+def test_dropout_off_in_eval_and_at_zero():
+    x = torch.randn(5, 6)
+    layer = Dropout(0.4).eval()
+    assert torch.equal(layer(x), x)
+    assert torch.equal(dropout(x, 0.0), x)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Dropout(1.0)
