@@ -68,11 +68,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decoder import LORA_TARGETS, reference_from_ours  # noqa: E402
 from clara.lora import LoRAAdapter, LoRALinear, lora_layers  # noqa: E402
-from kernels import linear  # noqa: E402
 from clara.model import DECODER, ENCODER, Clara  # noqa: E402
-from clara.prompts import IGNORE_INDEX  # noqa: E402
 from data.formats import Stage1Example  # noqa: E402
-from kernels.matmul import cpu_has_native_bf16  # noqa: E402
+from kernels import cpu_has_native_bf16, linear  # noqa: E402
 from recipes.args import parse_args as parse_train_args  # noqa: E402
 from recipes.loop import build_model, make_optimizer  # noqa: E402
 from recipes.precision import choose_precision  # noqa: E402

@@ -4,5 +4,5 @@ from kernels.attention import AttentionMask, attention, backend_name, build_atte
 from kernels.dropout import Dropout, dropout
 from kernels.matmul import Linear, cpu_has_native_bf16, linear, linear_lowrank
 
-__all__ = ["AttentionMask", "Dropout", "Linear", "attention", "backend_name", "build_attention_mask", "cpu_has_native_bf16", "dropout", "linear",
-           "linear_lowrank"]
+__all__ = ["AttentionMask", "Dropout", "Linear", "attention", "backend_name", "build_attention_mask",
+           "cpu_has_native_bf16", "dropout", "linear", "linear_lowrank"]
