@@ -34,9 +34,9 @@ bf16 model copy). On CPUs without AVX512-BF16/AMX ours widens bf16 multiplies to
 (kernels/matmul.py) while transformers calls torch's generic bf16 GEMM: the bf16 reference row
 measures what the official code does on such a CPU.
 
-Runs ours and the reference alternately (as bench/decoder.py side_by_side), median of --repeats, and
-prints the machine's load average before and after: with only 2 cores, other processes slow
-torch's threads down a lot.
+Runs ours and the reference alternately (as bench/decoder.py side_by_side, the order rotating each
+round), median of --repeats, and prints the machine's load average before and after: with only 2
+cores, other processes slow torch's threads down a lot.
 
 FLOPs: counted per side from the shapes (see `step_flops`), divided by the step time and set
 beside this CPU's measured fp32 and bf16 matmul rates (model FLOPs utilisation).
@@ -289,14 +289,16 @@ def ablation(model: Clara, name: str):
 
 def alternate(fns: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each function after one warm-up call each, run in turn `repeats` times so
-    that all of them see the same machine (bench/decoder.py's side_by_side, for any number)."""
+    that all of them see the same machine (bench/decoder.py's side_by_side, for any number). The
+    order rotates every round, so no function always runs right after the same other one."""
     for fn in fns.values():
         fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
