@@ -144,6 +144,15 @@ def _replace_directory(new: Path, target: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Load
 # ---------------------------------------------------------------------------------------------
+def split_by_adapter(adapters: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """adapters.safetensors' "<adapter>.<layer>.lora_X" keys -> {adapter: {"<layer>.lora_X": tensor}}."""
+    by_adapter: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in adapters.items():
+        name, _, rest = key.partition(".")
+        by_adapter.setdefault(name, {})[rest] = value
+    return by_adapter
+
+
 def read_checkpoint_meta(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
@@ -224,10 +233,7 @@ def load_clara(path: str | os.PathLike, *, base: str | None = None, training_sta
 
     saved = meta["adapters"]
     stage = training_stage or saved_stage
-    by_adapter: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in adapters.items():
-        name, _, rest = key.partition(".")
-        by_adapter.setdefault(name, {})[rest] = value
+    by_adapter = split_by_adapter(adapters)
     if sorted(by_adapter) != sorted(saved):
         raise CheckpointError(f"{path / ADAPTERS_FILE}: holds adapters {sorted(by_adapter)}, {CONFIG_FILE} lists {saved}")
     for name in saved:

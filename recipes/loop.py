@@ -370,17 +370,14 @@ class _OptimizerSnapshot:
 
 def restore_weights(directory: Path, model: Clara) -> None:
     """Adapters and memory embeddings of a step checkpoint, into a model not yet sharded."""
-    from clara.checkpoint import ADAPTERS_FILE, EMBEDDINGS_FILE, _load_tensors, read_checkpoint_meta
+    from clara.checkpoint import (ADAPTERS_FILE, EMBEDDINGS_FILE, _load_tensors, read_checkpoint_meta,
+                                  split_by_adapter)
     from clara.lora import load_adapter_state_dict
 
     meta = read_checkpoint_meta(directory / "model")
     adapters = _load_tensors(directory / "model" / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
     embeddings = _load_tensors(directory / "model" / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
-    by_adapter: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in adapters.items():
-        name, _, rest = key.partition(".")
-        by_adapter.setdefault(name, {})[rest] = value
-    for name, state in by_adapter.items():
+    for name, state in split_by_adapter(adapters).items():
         load_adapter_state_dict(model.decoder, name, state)
     with torch.no_grad():
         model.memory_embeddings.copy_(embeddings["memory_embeddings"])
