@@ -203,7 +203,7 @@ def data_lines(path: Path) -> list[str]:
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(setup, tmp_path):
     base, data = setup
     args = argv(base, data, "stage1_2", tmp_path, "--train_batch_size", "2", "--micro_train_batch_size", "2",
-                "--max_epochs", "50", "--learning_rate", "1e-3")
+                "--max_epochs", "100000", "--learning_rate", "1e-3")  # never ends by itself
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "recipes.train_sft", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
