@@ -1,7 +1,7 @@
 """One CLaRa stage-1 training step on the embedded SmolLM2-135M: ours vs. the official release's.
 
     python bench/train_step.py [--dtypes fp32 bf16] [--repeats 5] [--profile] [--threads 2]
-                               [--ablate fast-dropout fused-lowrank]
+                               [--ablate fast-dropout fused-lora fused-norm-rope]
 
 The step (issue 5, "Speed"): a micro-batch of 2 QA rows, each one document of exactly 256 tokens
 and a decoder prompt + target of about 90 tokens; compress rate 32 (8 memory vectors), rank-16
@@ -43,9 +43,11 @@ beside this CPU's measured fp32 and bf16 matmul rates (model FLOPs utilisation).
 --profile: torch.profiler table of our step (self CPU time), the same time summed by kind, and the
     wall time the profiler does not see (Python between ops, the numpy dropout masks).
 --ablate: also time our step with an optimisation switched off, alternating with the others on the
-    same model: fast-dropout (torch's nn.Dropout for the LoRA inputs instead of kernels/dropout.py),
-    fused-lowrank (the LoRA update as a separate [.., out] product, scaled and added, instead of
-    kernels.matmul.linear_lowrank). Both together are the code before these optimisations.
+    same model: fused-lora (the LoRA layer composed of separate ops: kernels/dropout.py's dropout, the
+    two thin products, the scale and the add, instead of kernels/lora.py's single autograd node),
+    fast-dropout (that composition with torch's nn.Dropout, i.e. without the numpy-drawn masks either),
+    fused-norm-rope (RMSNorm and RoPE composed of elementwise ops instead of kernels/norm.py and
+    kernels/rope.py). All of them together are the code before these optimisations.
 """
 
 from __future__ import annotations
@@ -249,8 +251,8 @@ def reference_forward(ref: Reference, enc_ids, enc_mask, dec_ids, dec_mask, labe
 # ---------------------------------------------------------------------------------------------
 # Ablations: our step with one optimisation switched off (the code before it)
 # ---------------------------------------------------------------------------------------------
-def _unfused_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """LoRALinear.forward before kernels.matmul.linear_lowrank: W x + b, plus (s B A dropout(x))."""
+def _composed_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """LoRALinear.forward without kernels/lora.py: W x + b, plus (s B A dropout(x)) op by op."""
     active = self.selection.active()
     out = linear(x, self.weight, self.bias)
     if active is None:
@@ -260,29 +262,50 @@ def _unfused_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     return out + (linear(linear(h, adapter.lora_A), adapter.lora_B) * adapter.scaling).to(x.dtype)
 
 
+def _composed_rms_norm(x, weight, eps):
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _composed_rotary(x, cos, sin):
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+
+
 def ablation(model: Clara, name: str):
-    """(switch off, switch back on) for optimisation `name` on this model's LoRA layers."""
+    """(switch off, switch back on) for optimisation `name` on this model."""
     layers = list(lora_layers(model.decoder).values())
+    adapters = [a for layer in layers for a in layer.adapters.values() if isinstance(a, LoRAAdapter)]
+    ours = [a.dropout for a in adapters]
+
+    def composed(dropout_cls=None):
+        for layer in layers:
+            layer.forward = types.MethodType(_composed_forward, layer)
+        if dropout_cls is not None:
+            for a, d in zip(adapters, ours):
+                a.dropout = dropout_cls(d.p) if getattr(d, "p", 0) > 0 else d
+
+    def fused():
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        for a, d in zip(adapters, ours):
+            a.dropout = d
+
+    if name == "fused-lora":
+        return composed, fused
     if name == "fast-dropout":
-        adapters = [a for layer in layers for a in layer.adapters.values() if isinstance(a, LoRAAdapter)]
-        ours = [a.dropout for a in adapters]
+        return (lambda: composed(nn.Dropout)), fused
+    if name == "fused-norm-rope":
+        import clara.decoder as decoder_module
+        fast = decoder_module.rms_norm, decoder_module.apply_rotary
 
         def off():
-            for a, d in zip(adapters, ours):
-                a.dropout = nn.Dropout(d.p) if getattr(d, "p", 0) > 0 else d
+            decoder_module.rms_norm, decoder_module.apply_rotary = _composed_rms_norm, _composed_rotary
 
         def on():
-            for a, d in zip(adapters, ours):
-                a.dropout = d
-        return off, on
-    if name == "fused-lowrank":
-        def off():
-            for layer in layers:
-                layer.forward = types.MethodType(_unfused_forward, layer)
-
-        def on():
-            for layer in layers:
-                layer.__dict__.pop("forward", None)
+            decoder_module.rms_norm, decoder_module.apply_rotary = fast
         return off, on
     raise ValueError(f"unknown ablation {name!r}")
 
@@ -529,7 +552,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="alternating timed steps per side (default 5)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--ablate", nargs="+", default=[], choices=["fast-dropout", "fused-lowrank"],
+    p.add_argument("--ablate", nargs="+", default=[], choices=["fast-dropout", "fused-lora", "fused-norm-rope"],
                    help="also time our step with these optimisations switched off (each, and all together)")
     args = p.parse_args(argv)
     if args.repeats < 1:

@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from clara.config import DecoderConfig, rope_attention_factor
 from clara.lora import checkpoint_context
 from kernels import AttentionMask, Linear, attention, build_attention_mask, linear
+from kernels.norm import rms_norm
+from kernels.rope import apply_rotary  # rotate-half layout, one autograd node
 
 
 # ------------------------------------------------------------------------------------------------
@@ -38,10 +40,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)  # one autograd node (kernels/norm.py)
 
 
 def make_norm(cfg: DecoderConfig) -> nn.Module:
@@ -103,20 +102,6 @@ class RotaryEmbedding(nn.Module):
         cos = angles.cos() * self.attention_factor
         sin = angles.sin() * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, L, D]; only the first R dims rotate (partial rotary leaves the rest untouched)."""
-    r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 
 from kernels import Dropout, linear
-from kernels.matmul import linear_lowrank
+from kernels.lora import lora_linear
 
 ALL_LINEAR = "all-linear"
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -221,7 +221,11 @@ class LoRALinear(nn.Module):
         if active is None or active == self.merged_adapter:
             return linear(x, self.weight, self.bias)
         adapter = self.adapter(active)
-        return linear_lowrank(x, self.weight, self.bias, adapter.down(x), adapter.lora_B)
+        out = lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                          adapter.dropout_p, adapter.training)
+        if out is None:  # autocast with native low-precision GEMMs, or mixed dtypes: compose the ops
+            out = linear(x, self.weight, self.bias) + adapter.delta(x)
+        return out
 
     def extra_repr(self) -> str:
         merged = f", merged={self.merged_adapter!r}" if self.merged_adapter else ""
@@ -341,7 +345,7 @@ def copy_adapter(model: nn.Module, src: str, dst: str) -> None:
         target.lora_A.copy_(source.lora_A)
         target.lora_B.copy_(source.lora_B)
         target.alpha, target.scaling, target.dropout_p = source.alpha, source.scaling, source.dropout_p
-        target.dropout = (nn.Dropout(source.dropout_p) if source.dropout_p > 0 else nn.Identity()).train(layer.training)
+        target.dropout = (Dropout(source.dropout_p) if source.dropout_p > 0 else nn.Identity()).train(layer.training)
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:

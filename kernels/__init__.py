@@ -2,7 +2,8 @@
 
 from kernels.attention import AttentionMask, attention, backend_name, build_attention_mask
 from kernels.dropout import Dropout, dropout
-from kernels.matmul import Linear, cpu_has_native_bf16, linear, linear_lowrank
+from kernels.lora import lora_linear
+from kernels.matmul import Linear, cpu_has_native_bf16, linear
 
 __all__ = ["AttentionMask", "Dropout", "Linear", "attention", "backend_name", "build_attention_mask",
-           "cpu_has_native_bf16", "dropout", "linear", "linear_lowrank"]
+           "cpu_has_native_bf16", "dropout", "linear", "lora_linear"]

@@ -7,7 +7,8 @@ the 2-core EPYC this was measured on). LoRA dropout on every linear layer draws 
 adapter input: about 107 million elements in one stage-1 step of SmolLM2-135M (batch 2, 256-token
 documents), 0.8 s of a 4.6 s step (`python bench/train_step.py --profile`). Here the mask is drawn
 as 16-bit integers by numpy's SFC64 generator (about 1 ns per element), compared against a
-threshold, and widened to the input's dtype (the mask torch's CPU dropout keeps as well).
+threshold, and written out by numpy as the fp32 factor m / q in the same pass (`dropout_factor`);
+torch's CPU dropout keeps such a mask in the input's dtype for the backward as well.
 
 Randomness: the generator is seeded per call from torch's default CPU generator, so
 torch.manual_seed, a saved and restored RNG state (exact resume) and activation checkpointing
@@ -33,35 +34,51 @@ def keep_probability(p: float) -> float:
     return (LEVELS - round(p * LEVELS)) / LEVELS
 
 
-def bernoulli_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """uint8 tensor of `shape`, each element 1 with probability keep_probability(p), else 0."""
+def _keep_bits(n: int, p: float) -> np.ndarray:
+    """n booleans, each True with probability keep_probability(p), drawn from torch's generator."""
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # from torch's generator: see the docstring
-    n = int(np.prod(shape, dtype=np.int64))
     # Raw 64-bit outputs cut into four 16-bit integers each: uniform on [0, 65536), and cheaper
     # than asking the generator for bounded integers.
     bits = np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
-    keep = np.greater_equal(bits, round(p * LEVELS)).view(np.uint8)
-    return torch.from_numpy(keep).view(shape)
+    return np.greater_equal(bits, round(p * LEVELS))
 
 
-class _MaskAndScale(torch.autograd.Function):
-    """y = x · f with f = m · scale in x's dtype; the backward multiplies the gradient by f.
+def bernoulli_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """uint8 tensor of `shape`, each element 1 with probability keep_probability(p), else 0."""
+    n = int(np.prod(shape, dtype=np.int64))
+    return torch.from_numpy(_keep_bits(n, p).view(np.uint8)).view(shape)
 
-    f is what torch's CPU dropout keeps for backward too (a mask in the input's dtype), so the
-    memory is unchanged; the one-byte mask is widened once, because torch's mixed uint8 x float
-    multiply does not vectorise and costs several times the widening plus a same-dtype multiply.
+
+def dropout_factor(shape: torch.Size, p: float, scale: float = 1.0, device=None) -> torch.Tensor:
+    """fp32 tensor of `shape`: scale / keep_probability(p) where kept, 0 where dropped.
+
+    x * dropout_factor(x.shape, p) is dropout(x, p); a LoRA layer folds its alpha/r into `scale`,
+    so dropping and scaling its input is one multiply. On CPU the factor is written by numpy in one
+    pass from the boolean draw (a uint8 mask widened and scaled by torch takes two more). Elsewhere
+    the mask comes from torch's bernoulli_ on the device.
     """
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.empty(shape, device=device).bernoulli_(1 - p).mul_(scale / (1 - p))
+    factor = torch.empty(shape, dtype=torch.float32)  # torch's allocator: memory accounting sees it
+    value = np.float32(scale / keep_probability(p))
+    np.multiply(_keep_bits(factor.numel(), p), value, out=factor.numpy().reshape(-1))
+    return factor
+
+
+class _MultiplyByFactor(torch.autograd.Function):
+    """y = x · f for a constant factor f (the dropout mask over the keep probability); the backward
+    multiplies the gradient by the same f, which is all that is kept for it (as torch's CPU dropout
+    keeps its mask in the input's dtype)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        factor = mask.to(x.dtype).mul_(scale)
+    def forward(ctx, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(factor)
         return x * factor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (factor,) = ctx.saved_tensors
-        return grad * factor, None, None
+        return grad * factor, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -70,7 +87,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return F.dropout(x, p, training)
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return _MaskAndScale.apply(x, bernoulli_mask(x.shape, p), 1.0 / keep_probability(p))
+    return _MultiplyByFactor.apply(x, dropout_factor(x.shape, p).to(x.dtype))
 
 
 class Dropout(nn.Module):

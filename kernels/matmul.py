@@ -59,53 +59,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.to(x.dtype)
 
 
-class _AccumulateLowRank(torch.autograd.Function):
-    """out += z up^T in place (out [N, o], z [N, r], up [o, r], all 2-D and one dtype).
-
-    Written out so that the backward takes up's gradient as grad^T z ([o, N] x [N, r]), the
-    orientation F.linear's backward uses: autograd's addmm_ formula computes z^T grad
-    ([r, N] x [N, o]) instead, which this CPU's GEMM runs at about half the speed for r = 16.
-    """
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, z: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.mark_dirty(out)
-        ctx.save_for_backward(z, up)
-        return out.addmm_(z, up.t())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        z, up = ctx.saved_tensors
-        grad_z = grad.mm(up) if ctx.needs_input_grad[1] else None
-        grad_up = grad.t().mm(z) if ctx.needs_input_grad[2] else None
-        return grad, grad_z, grad_up
-
-
-def linear_lowrank(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor,
-                   up: torch.Tensor) -> torch.Tensor:
-    """linear(x, weight, bias) + z up^T: the LoRA layer's W x + b + B (s A dropout(x)), z = s A dropout(x).
-
-    x [..., in], z [..., r] (r small), up [out, r] -> [..., out] in x's dtype. Where the dtypes allow,
-    the low-rank product is accumulated into the base product's own buffer, so no [..., out]
-    tensor is allocated, scaled or added for it: several elementwise passes over the largest
-    activations of every layer, measured by bench/train_step.py. Widened (bf16 on CPUs without
-    bf16 GEMMs) both products are summed in fp32 and rounded once. Otherwise (autocast choosing
-    the dtypes, mixed dtypes) it is the plain sum.
-    """
-    lead, n_out = x.shape[:-1], weight.shape[0]
-    # 2-D throughout: an in-place op on a view would make autograd copy the whole output.
-    x2, z2 = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
-    if x.numel() >= WIDEN_MIN_ROWS * x.shape[-1] and widen_on_this_cpu(x):
-        with torch.autocast("cpu", enabled=False):
-            out = F.linear(x2.float(), weight.float(), None if bias is None else bias.float())
-            out = _AccumulateLowRank.apply(out, z2.float(), up.float())
-        return out.view(*lead, n_out).to(x.dtype)
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == z.dtype == up.dtype:
-        out = _AccumulateLowRank.apply(F.linear(x2, weight, bias), z2, up)
-        return out.view(*lead, n_out)
-    return linear(x, weight, bias) + linear(z, up).to(x.dtype)
-
-
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict names) whose multiply goes through `linear`."""
 

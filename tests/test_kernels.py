@@ -1,5 +1,6 @@
 """The attention entry point against a naive softmax(QK^T)V, the widened low-precision linear, the
-fused LoRA linear (base + low-rank product in one buffer) and the fast CPU dropout."""
+LoRA linear, RMSNorm and rotary embedding written as single autograd nodes (against their composed
+formulas and gradcheck), and the fast CPU dropout."""
 
 import math
 import sys
@@ -10,8 +11,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import kernels.matmul as klinear
-from kernels import Dropout, attention, build_attention_mask, dropout, linear, linear_lowrank
-from kernels.dropout import bernoulli_mask, keep_probability
+import kernels.lora as klora
+from kernels import Dropout, attention, build_attention_mask, dropout, linear, lora_linear
+from kernels.dropout import bernoulli_mask, dropout_factor, keep_probability
+from kernels.norm import rms_norm
+from kernels.rope import apply_rotary
 from kernels.attention import flash_attention_available
 
 
@@ -180,50 +184,130 @@ def test_flash_packing_glue_matches_sdpa(monkeypatch, padded, lq):
 
 
 # ------------------------------------------------------------------------------------------------
-# The LoRA linear: W x + b + z B^T with the low-rank product accumulated into the base's buffer
+# The LoRA linear as one autograd node: W x + b + B A (f ⊙ x)
 # ------------------------------------------------------------------------------------------------
+def lora_inputs(lead, with_bias, seed, train_base=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, 12, generator=g, requires_grad=True)
+    w = torch.randn(10, 12, generator=g, requires_grad=train_base)
+    bias = torch.randn(10, generator=g, requires_grad=train_base) if with_bias else None
+    a = torch.randn(3, 12, generator=g, requires_grad=True)
+    up = torch.randn(10, 3, generator=g, requires_grad=True)
+    return x, w, bias, a, up
+
+
+@pytest.mark.parametrize("train_base", [False, True])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("lead", [(7,), (2, 5)])
-def test_linear_lowrank_value_and_gradients_match_the_plain_sum(with_bias, lead):
-    g = torch.Generator().manual_seed(len(lead) + with_bias)
-    x = torch.randn(*lead, 12, generator=g, requires_grad=True)
-    z = torch.randn(*lead, 3, generator=g, requires_grad=True)
-    w = torch.randn(10, 12, generator=g)
-    bias = torch.randn(10, generator=g) if with_bias else None
-    up = torch.randn(10, 3, generator=g, requires_grad=True)
-    out = linear_lowrank(x, w, bias, z, up)
-    expected = x @ w.T + (bias if with_bias else 0) + z @ up.T
+def test_lora_linear_value_and_gradients_match_the_composition(with_bias, lead, train_base):
+    x, w, bias, a, up = lora_inputs(lead, with_bias, len(lead) + with_bias, train_base)
+    out = lora_linear(x, w, bias, a, up, scaling=2.5)
+    expected = x @ w.T + (bias if with_bias else 0) + 2.5 * (x @ a.T) @ up.T
     assert out.shape == (*lead, 10)
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
-    grad = torch.randn(out.shape, generator=g)
-    got = torch.autograd.grad(out, (x, z, up), grad)
-    want = torch.autograd.grad(expected, (x, z, up), grad)
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(got[0], grad @ w, atol=1e-5)  # d/dx goes through W only
+    inputs = [t for t in (x, w, bias, a, up) if t is not None and t.requires_grad]
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for mine, ref in zip(got, want):
+        assert mine.shape == ref.shape and torch.allclose(mine, ref, atol=1e-4, rtol=1e-5)
 
 
-def test_linear_lowrank_widened_sums_in_fp32_and_rounds_once(monkeypatch):
+def test_lora_linear_with_dropout_uses_one_mask_for_value_and_gradients():
+    x, w, bias, a, up = lora_inputs((6, 4), True, 3)
+    torch.manual_seed(11)
+    out = lora_linear(x, w, bias, a, up, scaling=2.0, dropout_p=0.3, training=True)
+    torch.manual_seed(11)  # the same draw from torch's generator: the same mask
+    factor = dropout_factor((24, 12), 0.3, scale=2.0).view(6, 4, 12)
+    assert torch.unique(factor).tolist() == [0.0, pytest.approx(2.0 / keep_probability(0.3), rel=1e-7)]
+    expected = x @ w.T + bias + ((x * factor) @ a.T) @ up.T
+    assert torch.allclose(out, expected, atol=1e-5)
+    grad = torch.randn(out.shape)
+    for mine, ref in zip(torch.autograd.grad(out, (x, a, up), grad), torch.autograd.grad(expected, (x, a, up), grad)):
+        assert torch.allclose(mine, ref, atol=1e-4, rtol=1e-5)
+    # eval mode draws nothing and drops nothing
+    state = torch.get_rng_state()
+    assert torch.allclose(lora_linear(x, w, bias, a, up, 2.0, 0.3, training=False),
+                          x @ w.T + bias + 2.0 * (x @ a.T) @ up.T, atol=1e-5)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_lora_linear_gradcheck(with_dropout):
+    g = torch.Generator().manual_seed(5)
+    x, w, bias, a, up = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+                         for s in ((5, 6), (4, 6), (4,), (2, 6), (4, 2)))
+    factor = (torch.rand(5, 6, generator=g, dtype=torch.float64) > 0.3).double() * 1.7 if with_dropout else None
+    assert torch.autograd.gradcheck(lambda *t: klora._LoRALinear.apply(*t, factor, 0.5), (x, w, bias, a, up))
+
+
+def test_lora_linear_widened_sums_in_fp32_and_rounds_once(monkeypatch):
     monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: False)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 64, generator=g).bfloat16()
     w = torch.randn(32, 64, generator=g).bfloat16()
-    z = torch.randn(16, 4, generator=g)  # fp32 adapters on a bf16 base
+    a = torch.randn(4, 64, generator=g)  # fp32 adapters on a bf16 base
     up = torch.randn(32, 4, generator=g)
-    out = linear_lowrank(x, w, None, z, up)
+    out = lora_linear(x, w, None, a, up, scaling=1.0)
     assert out.dtype == torch.bfloat16
-    exact = x.double() @ w.double().T + z.double() @ up.double().T
-    assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-5).all()  # within one bf16 ulp
+    exact = x.double() @ w.double().T + (x.double() @ a.double().T) @ up.double().T
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-4).all()  # within one bf16 ulp
 
 
-def test_linear_lowrank_under_autocast_is_the_plain_sum(monkeypatch):
+def test_lora_linear_leaves_native_autocast_and_mixed_dtypes_to_the_caller(monkeypatch):
     monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: True)  # autocast picks the dtypes itself
-    x, z = torch.randn(6, 8), torch.randn(6, 2)
+    x, a = torch.randn(6, 8), torch.randn(2, 8)
     w, up = torch.randn(5, 8), torch.randn(5, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = linear_lowrank(x, w, None, z, up)
-        expected = F.linear(x, w) + F.linear(z, up).to(x.dtype)
-    assert out.dtype == expected.dtype and torch.equal(out, expected)
+        assert lora_linear(x, w, None, a, up, 1.0) is None
+    assert lora_linear(x.double(), w.double(), None, a, up, 1.0) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# RMSNorm and rotary embedding as single autograd nodes
+# ------------------------------------------------------------------------------------------------
+def reference_rms_norm(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_composed_reference(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 7, 16, generator=g) * 3).to(dtype).requires_grad_()
+    w = (torch.rand(16, generator=g) + 0.5).to(dtype).requires_grad_()
+    out, ref = rms_norm(x, w, 1e-5), reference_rms_norm(x, w, 1e-5)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for mine, want in zip(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(ref, (x, w), grad)):
+        assert mine.dtype == want.dtype and torch.allclose(mine.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_rms_norm_and_rotary_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x, w))
+    q = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    for r in (8, 4):  # full and partial rotary
+        cos, sin = torch.randn(2, 1, 5, r, generator=g, dtype=torch.float64).unbind(0)
+        cos, sin = cos[None], sin[None]
+        assert torch.autograd.gradcheck(lambda q: apply_rotary(q, cos, sin), (q,))
+
+
+def test_rotary_matches_rotate_half_formula():
+    g = torch.Generator().manual_seed(4)
+    angles = torch.randn(2, 1, 5, 3, generator=g)  # [B, 1, L, R/2]
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    x = torch.randn(2, 5, 4, 6, generator=g).transpose(1, 2)  # [B, H=4, L=5, D=6], strided as the decoder's q/k
+    x1, x2 = x.chunk(2, -1)
+    expected = x * cos + torch.cat((-x2, x1), -1) * sin
+    assert torch.allclose(apply_rotary(x, cos, sin), expected, atol=1e-6)
+    part = apply_rotary(x, cos[..., :4], sin[..., :4])  # partial: the last 2 dims pass through
+    xr1, xr2 = x[..., :4].chunk(2, -1)
+    assert torch.allclose(part[..., :4], x[..., :4] * cos[..., :4] + torch.cat((-xr2, xr1), -1) * sin[..., :4], atol=1e-6)
+    assert torch.equal(part[..., 4:], x[..., 4:])
 
 
 # ------------------------------------------------------------------------------------------------

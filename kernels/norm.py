@@ -1,0 +1,50 @@
+"""RMSNorm as one autograd node: y = w ⊙ n,  n = x / sqrt(mean(x²) + eps), computed in fp32.
+
+The composed version (pow, mean, add, rsqrt, mul, cast, mul) leaves autograd six nodes to walk
+backward, several of them over the whole [N, E] tensor; on 2 CPU cores a SmolLM2 block's two norms
+then took ~2.1 ms forward + backward at 534 tokens. Written out, the backward is
+
+    g_n = g ⊙ w,   dL/dx = r ⊙ (g_n − n ⊙ mean(g_n ⊙ n)),   r = 1 / sqrt(mean(x²) + eps)
+
+(one row statistic and three passes), and only x's per-row r is kept besides x itself.
+Values follow the reference exactly: statistics in fp32 (fp64 for fp64 inputs), n rounded to x's dtype, then times w in
+the dtype that w and x promote to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(_stats_dtype(x))
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # [..., 1]
+        n = (xf * r).to(x.dtype)
+        ctx.save_for_backward(x, weight, r)
+        return weight * n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        xf = x.to(r.dtype)
+        grad_x = grad_w = None
+        n = xf * r  # [..., E] fp32
+        if ctx.needs_input_grad[0]:
+            g_n = grad.to(r.dtype) * weight.to(r.dtype)
+            dot = (g_n * n).mean(-1, keepdim=True)  # [..., 1]
+            grad_x = g_n.sub_(n.mul(dot)).mul_(r).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            n_rounded = (xf * r).to(x.dtype)
+            grad_w = (grad * n_rounded).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2, -1) + eps)) with fp32 statistics: [..., E] -> [..., E]."""
+    return _RMSNorm.apply(x, weight, eps)

@@ -1,0 +1,46 @@
+"""Rotary position embedding (rotate-half layout) as one autograd node.
+
+    y = x ⊙ cos + rotate_half(x) ⊙ sin,   rotate_half([x1, x2]) = [−x2, x1]
+
+The composed form (chunk, neg, cat, two multiplies, an add) makes four temporaries of x's size
+and as many backward nodes. Written out, the forward is one multiply and two in-place
+multiply-adds over the halves, and since rotate_half is a rotation its transpose is
+[g1, g2] -> [g2, −g1], so the backward has the same shape and needs only cos and sin:
+
+    dL/dx = g ⊙ cos + [g2 ⊙ sin2, −g1 ⊙ sin1]
+
+Only the first R = cos.shape[-1] dims rotate (partial rotary leaves the rest untouched).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [B, H, L, R], cos/sin [B or 1, 1, L, R]
+        h = x.shape[-1] // 2
+        out = x * cos
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        h = grad.shape[-1] // 2
+        grad_x = grad * cos
+        grad_x[..., :h].addcmul_(grad[..., h:], sin[..., h:])
+        grad_x[..., h:].addcmul_(grad[..., :h], sin[..., :h], value=-1)
+        return grad_x, None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, L, D]; cos, sin: [B or 1, 1, L, R] with R <= D even."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return _Rotary.apply(x, cos, sin)
+    return torch.cat((_Rotary.apply(x[..., :r], cos, sin), x[..., r:]), dim=-1)
