@@ -147,22 +147,27 @@ class Attention(nn.Module):
             self.v_proj = Linear(e, kv_out, bias=cfg.attention_bias)
         self.o_proj = Linear(q_out, e, bias=cfg.attention_out_bias)
 
-    def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None, layer: int, queries: int = 0):
+        """queries > 0: only the last `queries` positions attend and are returned ([B, queries, E]);
+        keys and values still cover every position (the last block of a prefill that keeps only
+        the last logits)."""
         b, l, _ = x.shape  # x: [B, L, E]
+        lq = queries or l
         if self.fused:
             q, k, v = self.qkv_proj(x).split(
                 [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
             )
+            q = q[:, l - lq:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, l, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+            q, k, v = self.q_proj(x[:, l - lq:]), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, lq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, Lq, D]
         k = k.view(b, l, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, L, D]
         v = v.view(b, l, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos[:, :, l - lq:], sin[:, :, l - lq:]), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, G, T, D]
-        out = attention(q, k, v, mask)  # [B, H, L, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+        out = attention(q, k, v, mask)  # [B, H, Lq, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, lq, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -187,7 +192,10 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        # Inference: gate is ours alone, so overwrite it instead of allocating two [.., F] tensors.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class Block(nn.Module):
@@ -199,11 +207,13 @@ class Block(nn.Module):
         self.post_attention_norm = None if self.parallel else make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
+    def forward(self, x, cos, sin, mask, cache, layer, queries: int = 0):
+        # queries > 0: the output covers only the last `queries` positions (see Attention.forward)
+        last = x if not queries else x[:, -queries:]
         if self.parallel:
             h = self.input_norm(x)
-            return x + self.attn(h, cos, sin, mask, cache, layer) + self.mlp(h)
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache, layer)
+            return last + self.attn(h, cos, sin, mask, cache, layer, queries) + self.mlp(h[:, -queries:] if queries else h)
+        x = last + self.attn(self.input_norm(x), cos, sin, mask, cache, layer, queries)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -269,6 +279,9 @@ class Decoder(nn.Module):
         position_ids [B, L]: defaults to the count of real tokens before each position, so left
             padding does not shift positions.
         logits_to_keep: 0 keeps all positions, n > 0 only the last n (prefill needs only the last).
+            With n > 0 and logits computed, the last block runs its queries, attention output and
+            MLP for those n positions only (keys and values still for all, into the cache too):
+            hidden_states then covers the last n positions.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -287,13 +300,20 @@ class Decoder(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)  # [B, 1, L, R]
         mask = build_attention_mask(l, t, attention_mask, self.config.sliding_window, device=x.device)
 
+        # Nothing after the last block reads the other positions: let it compute only the kept ones.
+        last_queries = logits_to_keep if compute_logits and 0 < logits_to_keep < l else 0
+        last_mask = mask if not last_queries else build_attention_mask(
+            last_queries, t, attention_mask, self.config.sliding_window, device=x.device)
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
+            queries = last_queries if i == len(self.layers) - 1 else 0
+            layer_mask = last_mask if queries else mask
             if use_ckpt:
                 # The recomputation in backward must see the adapter that was active in forward.
-                x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False, context_fn=checkpoint_context)
+                x = checkpoint(block, x, cos, sin, layer_mask, None, i, queries, use_reentrant=False,
+                               context_fn=checkpoint_context)
             else:
-                x = block(x, cos, sin, mask, cache, i)
+                x = block(x, cos, sin, layer_mask, cache, i, queries)
         if cache is not None:
             cache.length = t
 

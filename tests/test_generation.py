@@ -112,3 +112,27 @@ def test_activation_checkpointing_gives_the_same_gradients(family):
     assert plain.keys() == ckpt.keys()
     for name in plain:
         assert (plain[name] - ckpt[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize("keep", [1, 3])
+def test_logits_to_keep_equals_the_last_rows_of_full_logits(family, keep):
+    """With logits_to_keep the last block runs only the kept queries: same logits, same gradients."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(1, 101, (2, 12), generator=g)  # longer than mistral's window of 8
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    embeds = model.embed_tokens(ids).detach().requires_grad_()
+    full = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -keep:]
+    (full_grad,) = torch.autograd.grad(full.square().sum(), embeds)
+    out = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep)
+    assert out.logits.shape == (2, keep, 101) and out.hidden_states.shape == (2, keep, 48)
+    assert (out.logits - full).abs().max() < 1e-5
+    (grad,) = torch.autograd.grad(out.logits.square().sum(), embeds)
+    assert (grad - full_grad).abs().max() < 1e-4
+    cache = model.new_cache(2, 12)
+    with torch.no_grad():
+        model(ids[:, :7], attention_mask=mask[:, :7], cache=cache)
+        cached = model(ids[:, 7:], attention_mask=mask, cache=cache, logits_to_keep=keep).logits
+    assert (cached - full.detach()).abs().max() < 1e-5
