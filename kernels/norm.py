@@ -20,14 +20,18 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
 
 
+def _normalise(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.to(_stats_dtype(x))
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # [..., 1]
+    return weight * (xf * r).to(x.dtype), r
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(_stats_dtype(x))
-        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # [..., 1]
-        n = (xf * r).to(x.dtype)
+        y, r = _normalise(x, weight, eps)
         ctx.save_for_backward(x, weight, r)
-        return weight * n
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -47,4 +51,6 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2, -1) + eps)) with fp32 statistics: [..., E] -> [..., E]."""
-    return _RMSNorm.apply(x, weight, eps)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps)
+    return _normalise(x, weight, eps)[0]  # inference: no autograd node to build (decoding: 60 a token)

@@ -17,16 +17,20 @@ from __future__ import annotations
 import torch
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, H, L, R], cos/sin [B or 1, 1, L, R]
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+    out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    return out
+
+
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [B, H, L, R], cos/sin [B or 1, 1, L, R]
-        h = x.shape[-1] // 2
-        out = x * cos
-        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
-        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
         ctx.save_for_backward(cos, sin)
-        return out
+        return _rotate(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -41,6 +45,8 @@ class _Rotary(torch.autograd.Function):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, L, D]; cos, sin: [B or 1, 1, L, R] with R <= D even."""
     r = cos.shape[-1]
+    # inference: the formula itself, without an autograd node (decoding builds 60 a token)
+    rotate = _Rotary.apply if torch.is_grad_enabled() and x.requires_grad else _rotate
     if r == x.shape[-1]:
-        return _Rotary.apply(x, cos, sin)
-    return torch.cat((_Rotary.apply(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+        return rotate(x, cos, sin)
+    return torch.cat((rotate(x[..., :r], cos, sin), x[..., r:]), dim=-1)

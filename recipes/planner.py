@@ -412,7 +412,7 @@ def format_plan(plan: MemoryPlan, budget_bytes: int | None = None, largest: int 
         ("compressor activations", plan.encoder_activations, f"{plan.encoder_tokens} tokens, stored for backward"),
         ("generator activations", plan.decoder_activations, f"{plan.decoder_tokens} tokens, stored for backward"),
         ("recomputed block", plan.recompute, "checkpointing: one block at a time"),
-        ("logits + loss gradients", plan.logits, "fp32 log-probs + 2 fp32 grads"),
+        ("logits + loss gradients", plan.logits, "fp32 log-probs + the loss backward's buffers"),
         ("backward working set", plan.backward_working, "gradients through one block"),
     ]
     if plan.no_grad_encoding:
