@@ -302,8 +302,8 @@ class Decoder(nn.Module):
 
         # Nothing after the last block reads the other positions: let it compute only the kept ones.
         last_queries = logits_to_keep if compute_logits and 0 < logits_to_keep < l else 0
-        last_mask = mask if not last_queries else build_attention_mask(
-            last_queries, t, attention_mask, self.config.sliding_window, device=x.device)
+        last_mask = build_attention_mask(last_queries, t, attention_mask, self.config.sliding_window,
+                                         device=x.device) if last_queries else None
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
             queries = last_queries if i == len(self.layers) - 1 else 0

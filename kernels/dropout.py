@@ -43,12 +43,6 @@ def _keep_bits(n: int, p: float) -> np.ndarray:
     return np.greater_equal(bits, round(p * LEVELS))
 
 
-def bernoulli_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """uint8 tensor of `shape`, each element 1 with probability keep_probability(p), else 0."""
-    n = int(np.prod(shape, dtype=np.int64))
-    return torch.from_numpy(_keep_bits(n, p).view(np.uint8)).view(shape)
-
-
 def dropout_factor(shape: torch.Size, p: float, scale: float = 1.0, device=None) -> torch.Tensor:
     """fp32 tensor of `shape`: scale / keep_probability(p) where kept, 0 where dropped.
 

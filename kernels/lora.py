@@ -42,14 +42,13 @@ class _LoRALinear(torch.autograd.Function):
             z.mul_(scaling)
         out.addmm_(z, lora_b.t())
         ctx.scaling = 1.0 if factor is not None else scaling
-        ctx.has_bias_grad = bias is not None and bias.requires_grad
         ctx.save_for_backward(x if weight.requires_grad else None, weight, dropped, factor, z, lora_a, lora_b)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, dropped, factor, z, lora_a, lora_b = ctx.saved_tensors
-        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_z = grad.mm(lora_b)  # [N, r]: dL/dz
         if ctx.scaling != 1.0:
             grad_z.mul_(ctx.scaling)  # z = s · A x: the gradient through A x carries s
@@ -62,13 +61,12 @@ class _LoRALinear(torch.autograd.Function):
                 grad_x.addcmul_(grad_z.mm(lora_a), factor)
         if need_w:
             grad_w = grad.t().mm(x)
-        if ctx.has_bias_grad:
+        if need_bias:
             grad_bias = grad.sum(0)
         if need_a:
             grad_a = grad_z.t().mm(dropped)  # [r, in]
         if need_b:
-            # dL/dB = g^T z_unscaled·s = (z^T g)^T with z as stored (already scaled)
-            grad_b = z.t().mm(grad).t()  # [out, r]
+            grad_b = z.t().mm(grad).t()  # [out, r]: dL/dB = g^T z (z as stored, scale included)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 

@@ -44,8 +44,7 @@ class _RMSNorm(torch.autograd.Function):
             dot = (g_n * n).mean(-1, keepdim=True)  # [..., 1]
             grad_x = g_n.sub_(n.mul(dot)).mul_(r).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            n_rounded = (xf * r).to(x.dtype)
-            grad_w = (grad * n_rounded).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+            grad_w = (grad * n.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_w, None
 
 
