@@ -1,7 +1,7 @@
 """One CLaRa stage-1 training step on the embedded SmolLM2-135M: ours vs. the official release's.
 
     python bench/train_step.py [--dtypes fp32 bf16] [--repeats 5] [--profile] [--threads 2]
-                               [--ablate fast-dropout fused-lora fused-norm-rope]
+                               [--ablate fast-dropout fused-lora fused-norm-rope byte-mask]
 
 The step (issue 5, "Speed"): a micro-batch of 2 QA rows, each one document of exactly 256 tokens
 and a decoder prompt + target of about 90 tokens; compress rate 32 (8 memory vectors), rank-16
@@ -47,7 +47,9 @@ beside this CPU's measured fp32 and bf16 matmul rates (model FLOPs utilisation).
     two thin products, the scale and the add, instead of kernels/lora.py's single autograd node),
     fast-dropout (that composition with torch's nn.Dropout, i.e. without the numpy-drawn masks either),
     fused-norm-rope (RMSNorm and RoPE composed of elementwise ops instead of kernels/norm.py and
-    kernels/rope.py). All of them together are the code before these optimisations.
+    kernels/rope.py), byte-mask (kernels/lora.py's node with an fp32 dropout factor, keeping it and
+    the dropped input f ⊙ x for the backward, instead of a uint8 mask and x; fp32 only). All of them
+    together are the code before these optimisations (with fused-lora off, the node is not used).
 """
 
 from __future__ import annotations
@@ -73,11 +75,14 @@ from clara.lora import LoRAAdapter, LoRALinear, lora_layers  # noqa: E402
 from clara.model import DECODER, ENCODER, Clara  # noqa: E402
 from data.formats import Stage1Example  # noqa: E402
 from kernels import cpu_has_native_bf16, linear  # noqa: E402
+from kernels.dropout import dropout_factor  # noqa: E402
+from kernels.lora import lora_linear as kernel_lora_linear  # noqa: E402
 from recipes.args import parse_args as parse_train_args  # noqa: E402
 from recipes.loop import build_model, make_optimizer  # noqa: E402
 from recipes.precision import choose_precision  # noqa: E402
 
 DOC_TOKENS = 256
+ABLATIONS = ["fast-dropout", "fused-lora", "fused-norm-rope", "byte-mask"]
 BATCH = 2
 MSE_WEIGHT = 0.1
 
@@ -274,6 +279,45 @@ def _composed_rotary(x, cos, sin):
     return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
 
 
+class _FactorLoRALinear(torch.autograd.Function):
+    """kernels/lora.py's node as it was before the byte mask: the fp32 factor f = c·m multiplies x,
+    and the forward keeps both f and the dropped copy f ⊙ x for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, factor, scaling):
+        out = F.linear(x, weight, bias)
+        dropped = x if factor is None else x * factor
+        z = dropped.mm(lora_a.t())
+        if factor is None and scaling != 1.0:
+            z.mul_(scaling)
+        out.addmm_(z, lora_b.t())
+        ctx.scaling = 1.0 if factor is not None else scaling
+        ctx.save_for_backward(weight, dropped, factor, z, lora_a, lora_b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, dropped, factor, z, lora_a, lora_b = ctx.saved_tensors
+        grad_z = grad.mm(lora_b)
+        if ctx.scaling != 1.0:
+            grad_z.mul_(ctx.scaling)
+        grad_x = grad.mm(weight)
+        if factor is None:
+            grad_x.addmm_(grad_z, lora_a)
+        else:
+            grad_x.addcmul_(grad_z.mm(lora_a), factor)
+        return grad_x, None, None, grad_z.t().mm(dropped), z.t().mm(grad).t(), None, None
+
+
+def _factor_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, training=False):
+    """kernels.lora.lora_linear with _FactorLoRALinear (fp32 operands only: the bench's fp32 row)."""
+    if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return kernel_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
+    x2 = x.reshape(-1, x.shape[-1])
+    factor = dropout_factor(x2.shape, dropout_p, scaling) if training and dropout_p > 0 else None
+    return _FactorLoRALinear.apply(x2, weight, bias, lora_a, lora_b, factor, scaling).view(*x.shape[:-1], -1)
+
+
 def ablation(model: Clara, name: str):
     """(switch off, switch back on) for optimisation `name` on this model."""
     layers = list(lora_layers(model.decoder).values())
@@ -306,6 +350,15 @@ def ablation(model: Clara, name: str):
 
         def on():
             decoder_module.rms_norm, decoder_module.apply_rotary = fast
+        return off, on
+    if name == "byte-mask":
+        import clara.lora as clara_lora
+
+        def off():
+            clara_lora.lora_linear = _factor_lora_linear
+
+        def on():
+            clara_lora.lora_linear = kernel_lora_linear
         return off, on
     raise ValueError(f"unknown ablation {name!r}")
 
@@ -552,7 +605,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="alternating timed steps per side (default 5)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--ablate", nargs="+", default=[], choices=["fast-dropout", "fused-lora", "fused-norm-rope"],
+    p.add_argument("--ablate", nargs="+", default=[], choices=ABLATIONS,
                    help="also time our step with these optimisations switched off (each, and all together)")
     args = p.parse_args(argv)
     if args.repeats < 1:

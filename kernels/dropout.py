@@ -7,8 +7,10 @@ the 2-core EPYC this was measured on). LoRA dropout on every linear layer draws 
 adapter input: about 107 million elements in one stage-1 step of SmolLM2-135M (batch 2, 256-token
 documents), 0.8 s of a 4.6 s step (`python bench/train_step.py --profile`). Here the mask is drawn
 as 16-bit integers by numpy's SFC64 generator (about 1 ns per element), compared against a
-threshold, and written out by numpy as the fp32 factor m / q in the same pass (`dropout_factor`);
-torch's CPU dropout keeps such a mask in the input's dtype for the backward as well.
+threshold, and written out by numpy either as the fp32 factor m / q in the same pass
+(`dropout_factor`, for `dropout` below: torch's CPU dropout keeps such a mask in the input's dtype
+for the backward as well) or as a uint8 0/1 mask (`keep_mask`, for kernels/lora.py, which keeps the
+mask for the backward and applies 1/q to its rank-r product instead).
 
 Randomness: the generator is seeded per call from torch's default CPU generator, so
 torch.manual_seed, a saved and restored RNG state (exact resume) and activation checkpointing
@@ -34,13 +36,32 @@ def keep_probability(p: float) -> float:
     return (LEVELS - round(p * LEVELS)) / LEVELS
 
 
-def _keep_bits(n: int, p: float) -> np.ndarray:
-    """n booleans, each True with probability keep_probability(p), drawn from torch's generator."""
+def _random_uint16(n: int) -> np.ndarray:
+    """n uniform 16-bit integers, from a generator seeded by torch's default CPU generator."""
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # from torch's generator: see the docstring
     # Raw 64-bit outputs cut into four 16-bit integers each: uniform on [0, 65536), and cheaper
     # than asking the generator for bounded integers.
-    bits = np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
-    return np.greater_equal(bits, round(p * LEVELS))
+    return np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
+
+
+def _keep_bits(n: int, p: float) -> np.ndarray:
+    """n booleans, each True with probability keep_probability(p)."""
+    return np.greater_equal(_random_uint16(n), round(p * LEVELS))
+
+
+def keep_mask(shape: torch.Size, p: float, device=None) -> torch.Tensor:
+    """uint8 tensor of `shape`: 1 where kept (probability keep_probability(p)), 0 where dropped.
+
+    The same draw as dropout_factor (same seed, same decisions), one byte an element instead of
+    four: kernels/lora.py keeps it for the backward and scales the [N, r] product instead of x.
+    numpy writes the comparison straight into torch-allocated memory. Other devices: bernoulli_.
+    """
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=torch.uint8, device=device).bernoulli_(1 - p)
+    mask = torch.empty(shape, dtype=torch.uint8)
+    bits = _random_uint16(mask.numel())
+    np.greater_equal(bits, round(p * LEVELS), out=mask.numpy().reshape(-1).view(np.bool_))
+    return mask
 
 
 def dropout_factor(shape: torch.Size, p: float, scale: float = 1.0, device=None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """One LoRA linear layer, forward and backward written out as a single autograd node.
 
-    y = W x + b + B (A (f ⊙ x)),   f = (alpha/r) · m / q   (dropout mask m, keep probability q)
-    y = W x + b + (alpha/r) · B (A x)                       (no dropout)
+    y = W x + b + B z,   z = c · A (m ⊙ x)
+    m: the dropout keep mask (all ones without dropout), c = (alpha/r) / q, q the keep probability
 
 Shapes: x [N, in] (leading dims flattened), W [out, in], A [r, in], B [out, r], r small.
 
@@ -9,17 +9,21 @@ Why one node instead of the dozen that dropout, two thin linears, a scale and an
 stage-1 step of SmolLM2-135M runs 420 adapter-carrying linears forward and back, and on 2 CPU
 cores the per-op costs (allocations, autograd bookkeeping, extra elementwise passes over [N, in]
 and [N, out]) added up to a fifth of the step. Here:
-  * alpha/r is folded into the dropout factor, so dropping and scaling the input is one multiply;
+  * the dropout mask is a uint8 0/1 tensor (kernels/dropout.py keep_mask) and both alpha/r and 1/q
+    scale the [N, r] product z, not the [N, in] input;
   * the low-rank product is accumulated into the base product's buffer (addmm_), so no [N, out]
     tensor is allocated, scaled or added for it;
   * the backward picks the GEMM orientations that run fastest for r-wide operands (B's gradient
     as (z^T g)^T: an [r, N] x [N, out] product, measured 2.4x faster than g^T z on AVX-512), and
     adds the adapter's share of the input gradient into the base one in place.
-What is saved for backward is what autograd saved before: the dropped input f ⊙ x (A's gradient
-needs it), the factor f (the input gradient needs it) and z = A (f ⊙ x) [N, r].
+What is saved for backward: the input x itself (q, k and v share one), the mask m (one byte an
+element) and z [N, r]; m ⊙ x is recomputed in backward for A's gradient. The node kept before an
+fp32 factor c·m and the dropped copy per adapter: SmolLM2's stage-1 step (bench/train_step.py's)
+peaked 1439 MiB above its parameters with that, 950 MiB with this, at the same speed
+(`python bench/train_step.py --ablate byte-mask`: 2.86 s and 2.84 s a step).
 
 Gradients: the base weight and bias get theirs only if they require grad (they are frozen in
-CLaRa; a full fine-tune still works, x is then saved too).
+CLaRa; a full fine-tune still works).
 """
 
 from __future__ import annotations
@@ -27,44 +31,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import dropout_factor
+from kernels.dropout import keep_mask, keep_probability
 from kernels.matmul import WIDEN_MIN_ROWS, widen_on_this_cpu
 
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, factor, scaling):
-        # x [N, in]; factor [N, in] (dropout, alpha/r folded in) or None (then scaling applies to z)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, keep, scale):
+        # x [N, in]; keep [N, in] uint8 dropout mask or None; scale: c above
         out = F.linear(x, weight, bias)  # [N, out]
-        dropped = x if factor is None else x * factor
-        z = dropped.mm(lora_a.t())  # [N, r]
-        if factor is None and scaling != 1.0:
-            z.mul_(scaling)
+        z = (x if keep is None else x * keep).mm(lora_a.t())  # [N, r]; the masked copy is temporary
+        if scale != 1.0:
+            z.mul_(scale)
         out.addmm_(z, lora_b.t())
-        ctx.scaling = 1.0 if factor is not None else scaling
-        ctx.save_for_backward(x if weight.requires_grad else None, weight, dropped, factor, z, lora_a, lora_b)
+        ctx.scale = scale
+        ctx.save_for_backward(x, weight, keep, z, lora_a, lora_b)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, dropped, factor, z, lora_a, lora_b = ctx.saved_tensors
+        x, weight, keep, z, lora_a, lora_b = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_z = grad.mm(lora_b)  # [N, r]: dL/dz
-        if ctx.scaling != 1.0:
-            grad_z.mul_(ctx.scaling)  # z = s · A x: the gradient through A x carries s
+        if ctx.scale != 1.0:
+            grad_z.mul_(ctx.scale)  # from here on, the gradient with respect to A (m ⊙ x)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        spare = None  # an [N, in] buffer free for the recomputed m ⊙ x
         if need_x:
             grad_x = grad.mm(weight)
-            if factor is None:
+            if keep is None:
                 grad_x.addmm_(grad_z, lora_a)
             else:
-                grad_x.addcmul_(grad_z.mm(lora_a), factor)
+                spare = grad_z.mm(lora_a)
+                grad_x.addcmul_(spare, keep)
         if need_w:
             grad_w = grad.t().mm(x)
         if need_bias:
             grad_bias = grad.sum(0)
         if need_a:
-            grad_a = grad_z.t().mm(dropped)  # [r, in]
+            masked = x if keep is None else torch.mul(x, keep, out=spare)
+            grad_a = grad_z.t().mm(masked)  # [r, in]
         if need_b:
             grad_b = z.t().mm(grad).t()  # [out, r]: dL/dB = g^T z (z as stored, scale included)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
@@ -86,14 +92,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    factor = None
+    keep, scale = None, scaling
     if training and dropout_p > 0.0:
-        factor = dropout_factor(x2.shape, dropout_p, scaling, device=x.device)
+        keep = keep_mask(x2.shape, dropout_p, device=x.device)
+        scale = scaling / (keep_probability(dropout_p) if x.device.type == "cpu" else 1 - dropout_p)
     if widen:
         with torch.autocast("cpu", enabled=False):
             out = _LoRALinear.apply(x2.float(), weight.float(), None if bias is None else bias.float(),
-                                    lora_a.float(), lora_b.float(), factor, scaling)
+                                    lora_a.float(), lora_b.float(), keep, scale)
         return out.view(*lead, -1).to(x.dtype)
-    if factor is not None:
-        factor = factor.to(x.dtype)
-    return _LoRALinear.apply(x2, weight, bias, lora_a, lora_b, factor, scaling).view(*lead, -1)
+    return _LoRALinear.apply(x2, weight, bias, lora_a, lora_b, keep, scale).view(*lead, -1)

@@ -16,8 +16,9 @@ D head dim, V vocabulary, s bytes of the compute dtype):
   so a linear layer keeps its input only when it carries a trainable adapter. Per block, in
   decoder.py's order:
     norm input in fp32 (RMSNorm widens; LayerNorm runs in fp32 under autocast) + 1-2 fp32 stats;
-    each adapter-carrying linear: its input (shared between q/k/v in plain fp32; under autocast or
-    LoRA dropout each gets its own copy: the fp32 adapter casts it) + a dropout mask + [T, r];
+    each adapter-carrying linear: its input (shared between q/k/v without autocast, with its uint8
+    dropout mask: kernels/lora.py; under autocast each gets its own copy, as the fp32 adapter casts
+    it, and a dropout mask) + [T, r];
     attention: rotated q [T, HD], k and v [T, GD] (fused qkv keeps the whole [T, (H+2G)D]
     output alive), the output [T, HD] and the fp32 log-sum-exp [T, H]; with padding, SDPA turns
     the boolean mask into a float [B, L, L] bias per layer and keeps it;
@@ -157,7 +158,7 @@ class _Precision:
     s: int  # bytes of matmul outputs (the compute dtype)
     autocast: bool  # compute dtype differs from the fp32 adapters: autocast casts every adapter input
     dropout: bool
-    dropout_mask: int  # bytes per element of a dropout mask: bool on CUDA, the input's dtype on CPU
+    dropout_mask: int  # bytes per element of a dropout mask under autocast: bool on CUDA, fp32 on CPU
 
 
 def _block_stored(cfg: DecoderConfig, rows: int, length: int, lora: list, r: int, p: _Precision,
@@ -178,11 +179,12 @@ def _block_stored(cfg: DecoderConfig, rows: int, length: int, lora: list, r: int
                     "attn_out": p.s, "mlp_act": p.s}
     kept_shared = {"attn_out"}  # SDPA keeps its output whatever the adapters do
     for _, fan_in, _, source in lora:
-        if p.autocast or p.dropout:
-            total += t * fan_in * (p.s if p.autocast else ADAPTER_BYTES)  # the adapter's own copy
+        if p.autocast:
+            total += t * fan_in * p.s  # the adapter's own copy (autocast casts its input)
             total += t * fan_in * p.dropout_mask if p.dropout else 0
         else:
-            kept_shared.add(source)
+            kept_shared.add(source)  # kernels/lora.py keeps the input itself, dropout or not
+            total += t * fan_in if p.dropout else 0  # and its uint8 keep mask
         total += t * r * (p.s if p.autocast else ADAPTER_BYTES)  # A x, kept for B's gradient
     total += sum(t * shared[name] * shared_bytes[name] for name in kept_shared)
 
@@ -307,7 +309,8 @@ def estimate_peak_memory(decoder_config: DecoderConfig, *, stage: str = "stage1"
     w_dtype, c_dtype = dtype_of(weight_dtype), dtype_of(compute_dtype)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
-    # Under autocast the dropout runs on the fp32 copy the adapter makes, so a CPU mask is fp32.
+    # Under autocast the dropout runs on the fp32 copy the adapter makes: on CPU an fp32 factor (an
+    # upper bound: kernels/lora.py widens with a uint8 mask where the CPU lacks bf16 instructions).
     p = _Precision(w=w_dtype.itemsize, s=c_dtype.itemsize, autocast=c_dtype != torch.float32,
                    dropout=lora_dropout > 0, dropout_mask=1 if device == "cuda" else ADAPTER_BYTES)
     lora = targeted_linears(cfg, lora_targets)

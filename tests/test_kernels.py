@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import kernels.matmul as klinear
 import kernels.lora as klora
 from kernels import Dropout, attention, build_attention_mask, dropout, linear, lora_linear
-from kernels.dropout import dropout_factor, keep_probability
+from kernels.dropout import dropout_factor, keep_mask, keep_probability
 from kernels.norm import rms_norm
 from kernels.rope import apply_rotary
 from kernels.attention import flash_attention_available
@@ -237,8 +237,8 @@ def test_lora_linear_gradcheck(with_dropout):
     g = torch.Generator().manual_seed(5)
     x, w, bias, a, up = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
                          for s in ((5, 6), (4, 6), (4,), (2, 6), (4, 2)))
-    factor = (torch.rand(5, 6, generator=g, dtype=torch.float64) > 0.3).double() * 1.7 if with_dropout else None
-    assert torch.autograd.gradcheck(lambda *t: klora._LoRALinear.apply(*t, factor, 0.5), (x, w, bias, a, up))
+    keep = (torch.rand(5, 6, generator=g) > 0.3).to(torch.uint8) if with_dropout else None
+    assert torch.autograd.gradcheck(lambda *t: klora._LoRALinear.apply(*t, keep, 0.5), (x, w, bias, a, up))
 
 
 def test_lora_linear_widened_sums_in_fp32_and_rounds_once(monkeypatch):
@@ -341,6 +341,16 @@ def test_dropout_gradient_uses_the_forward_mask():
     kept = y.detach() != 0
     assert 0 < int(kept.sum()) < kept.numel()
     assert torch.allclose(x.grad, torch.where(kept, grad / keep_probability(0.3), 0.0), atol=1e-6)
+
+
+def test_keep_mask_is_the_factors_draw_in_one_byte():
+    torch.manual_seed(4)
+    keep = keep_mask((70, 90), 0.25)
+    torch.manual_seed(4)
+    factor = dropout_factor((70, 90), 0.25, scale=3.0)
+    assert keep.dtype == torch.uint8 and set(keep.unique().tolist()) == {0, 1}
+    assert torch.equal(factor, keep * (3.0 / keep_probability(0.25)))
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
 
 
 def test_dropout_masks_follow_torchs_seed():

@@ -144,7 +144,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("checkpointing, dropout", [(False, 0.0), (True, 0.1)])
+@pytest.mark.parametrize("checkpointing, dropout", [(False, 0.0), (False, 0.1), (True, 0.1)])
 def test_estimate_within_15_percent_of_measured_cpu_peak(checkpointing, dropout, one_thread):
     over = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512)
@@ -174,6 +174,7 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(checkpointing, dropout,
     plan = estimate_peak_memory(model.config, stage="stage1", micro_batch=batch, max_len=max_len, doc_max_length=doc,
                                 compress_rate=rate, lora_r=r, lora_dropout=dropout, weight_dtype="fp32",
                                 compute_dtype="fp32", gradient_checkpointing=checkpointing, device="cpu")
+    print(f"estimate {plan.total} measured {measured} ({plan.total / measured - 1:+.1%})")
     assert abs(plan.total - measured) / measured < 0.15, format_plan(plan) + f"\nmeasured {measured}"
 
 
