@@ -1,7 +1,7 @@
 """One CLaRa stage-1 training step on the embedded SmolLM2-135M: ours vs. the official release's.
 
     python bench/train_step.py [--dtypes fp32 bf16] [--repeats 5] [--profile] [--threads 2]
-                               [--ablate fast-dropout fused-lora fused-norm-rope byte-mask]
+                               [--ablate fast-dropout fused-lora fused-norm-rope fused-swiglu byte-mask]
 
 The step (issue 5, "Speed"): a micro-batch of 2 QA rows, each one document of exactly 256 tokens
 and a decoder prompt + target of about 90 tokens; compress rate 32 (8 memory vectors), rank-16
@@ -47,7 +47,8 @@ beside this CPU's measured fp32 and bf16 matmul rates (model FLOPs utilisation).
     two thin products, the scale and the add, instead of kernels/lora.py's single autograd node),
     fast-dropout (that composition with torch's nn.Dropout, i.e. without the numpy-drawn masks either),
     fused-norm-rope (RMSNorm and RoPE composed of elementwise ops instead of kernels/norm.py and
-    kernels/rope.py), byte-mask (kernels/lora.py's node with an fp32 dropout factor, keeping it and
+    kernels/rope.py), fused-swiglu (silu(gate) * up composed instead of kernels/swiglu.py's node),
+    byte-mask (kernels/lora.py's node with an fp32 dropout factor, keeping it and
     the dropped input f ⊙ x for the backward, instead of a uint8 mask and x; fp32 only). All of them
     together are the code before these optimisations (with fused-lora off, the node is not used).
 """
@@ -82,7 +83,7 @@ from recipes.loop import build_model, make_optimizer  # noqa: E402
 from recipes.precision import choose_precision  # noqa: E402
 
 DOC_TOKENS = 256
-ABLATIONS = ["fast-dropout", "fused-lora", "fused-norm-rope", "byte-mask"]
+ABLATIONS = ["fast-dropout", "fused-lora", "fused-norm-rope", "fused-swiglu", "byte-mask"]
 BATCH = 2
 MSE_WEIGHT = 0.1
 
@@ -350,6 +351,16 @@ def ablation(model: Clara, name: str):
 
         def on():
             decoder_module.rms_norm, decoder_module.apply_rotary = fast
+        return off, on
+    if name == "fused-swiglu":
+        import clara.decoder as decoder_module
+        fused_swiglu = decoder_module.swiglu
+
+        def off():
+            decoder_module.swiglu = lambda gate, up: F.silu(gate) * up
+
+        def on():
+            decoder_module.swiglu = fused_swiglu
         return off, on
     if name == "byte-mask":
         import clara.lora as clara_lora

@@ -26,6 +26,7 @@ from clara.lora import checkpoint_context
 from kernels import AttentionMask, Linear, attention, build_attention_mask, linear
 from kernels.norm import rms_norm
 from kernels.rope import apply_rotary  # rotate-half layout, one autograd node
+from kernels.swiglu import swiglu
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(swiglu(gate, up))  # one node keeping gate and up only
         # Inference: gate is ours alone, so overwrite it instead of allocating two [.., F] tensors.
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 

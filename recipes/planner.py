@@ -22,7 +22,7 @@ D head dim, V vocabulary, s bytes of the compute dtype):
     attention: rotated q [T, HD], k and v [T, GD] (fused qkv keeps the whole [T, (H+2G)D]
     output alive), the output [T, HD] and the fp32 log-sum-exp [T, H]; with padding, SDPA turns
     the boolean mask into a float [B, L, L] bias per layer and keeps it;
-    SwiGLU keeps gate, up, silu(gate) (+ the product as down's input) - 4 x [T, F]; GELU 2 x [T, F].
+    SwiGLU keeps gate and up (+ the product as down's input) - 3 x [T, F]; GELU 2 x [T, F].
   With gradient checkpointing a block keeps only its input [T, E], and the backward pass
   recomputes one block at a time.
   Passes: the compressor reads n_docs x (doc_max_length + 3 + n_mem) tokens per example, the
@@ -60,6 +60,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 # to flow (fitted on the CPU measurements of tests/test_planner.py).
 BACKWARD_F_TENSORS, BACKWARD_E_TENSORS = 3, 3
 RECOMPUTE_F_TENSORS, RECOMPUTE_E_TENSORS = 1, 1
+# kernels/swiglu.py rebuilds silu(gate) in its backward: one [T, F] more while it runs.
+SWIGLU_BACKWARD_F_TENSORS = 1
 # On CUDA under fp16/bf16 autocast, what the model above counts was measured to take more: the
 # activations x1.14 and the logits x1.69 (casts to and from the compute dtype, the loss backward's
 # temporaries, allocator rounding). Fitted on an H200 with phi-2's shape, fp16 autocast, LoRA r=16
@@ -193,9 +195,9 @@ def _block_stored(cfg: DecoderConfig, rows: int, length: int, lora: list, r: int
     total += t * (h * hd + g * hd + v_elems) * p.s + t * h * fp32
     if mask_per_layer:
         total += rows * length * length * p.s
-    # MLP: gelu keeps up (gelu's input); swiglu keeps gate, up and silu(gate). The product / gelu
-    # output is mlp_act, counted when down_proj's adapter keeps it.
-    total += t * f * p.s * (1 if cfg.mlp == "gelu" else 3)
+    # MLP: gelu keeps up (gelu's input); swiglu keeps gate and up (kernels/swiglu.py recomputes
+    # silu(gate)). The product / gelu output is mlp_act, counted when down_proj's adapter keeps it.
+    total += t * f * p.s * (1 if cfg.mlp == "gelu" else 2)
     return total
 
 
@@ -236,7 +238,8 @@ def _plan_pass(cfg, name, rows, length, lora, r, p: _Precision, ckpt: bool, with
     extras = _pass_extras(cfg, rows, length, p, mask)
     if ckpt:
         stored = cfg.num_hidden_layers * t * cfg.hidden_size * p.w + extras
-        working = t * (RECOMPUTE_F_TENSORS * cfg.intermediate_size + RECOMPUTE_E_TENSORS * cfg.hidden_size) * p.s
+        f_tensors = RECOMPUTE_F_TENSORS + (SWIGLU_BACKWARD_F_TENSORS if cfg.mlp != "gelu" else 0)
+        working = t * (f_tensors * cfg.intermediate_size + RECOMPUTE_E_TENSORS * cfg.hidden_size) * p.s
         return PassPlan(name, rows, length, True, stored, block, working)
     working = t * (BACKWARD_F_TENSORS * cfg.intermediate_size + BACKWARD_E_TENSORS * cfg.hidden_size) * p.s
     return PassPlan(name, rows, length, True, cfg.num_hidden_layers * block + extras, 0, working)

@@ -14,6 +14,7 @@ import kernels.matmul as klinear
 import kernels.lora as klora
 from kernels import Dropout, attention, build_attention_mask, dropout, linear, lora_linear
 from kernels.dropout import dropout_factor, keep_mask, keep_probability
+from kernels.swiglu import swiglu
 from kernels.norm import rms_norm
 from kernels.rope import apply_rotary
 from kernels.attention import flash_attention_available
@@ -371,3 +372,21 @@ def test_dropout_off_in_eval_and_at_zero():
     assert torch.equal(dropout(x, 0.0), x)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         Dropout(1.0)
+
+
+def test_swiglu_node_matches_the_composition_and_keeps_two_tensors():
+    g = torch.Generator().manual_seed(8)
+    gate, up = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(swiglu, (gate, up))
+    grad = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    want_out = F.silu(gate) * up
+    got = torch.autograd.grad(swiglu(gate, up), (gate, up), grad)
+    want = torch.autograd.grad(want_out, (gate, up), grad)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(got, want))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = swiglu(gate, up)
+    assert torch.allclose(out, want_out, atol=1e-12)
+    assert len(saved) == 2 and saved[0] is gate and saved[1] is up  # silu(gate) is recomputed, not kept
+    with torch.no_grad():
+        assert torch.allclose(swiglu(gate, up), want_out, atol=1e-12)
