@@ -2,6 +2,7 @@
 
     python bench/train_step.py [--dtypes fp32 bf16] [--repeats 5] [--profile] [--threads 2]
                                [--ablate fast-dropout fused-lora fused-norm-rope fused-swiglu byte-mask]
+                               [--without_dropout]
 
 The step (issue 5, "Speed"): a micro-batch of 2 QA rows, each one document of exactly 256 tokens
 and a decoder prompt + target of about 90 tokens; compress rate 32 (8 memory vectors), rank-16
@@ -505,7 +506,8 @@ def load_text() -> str:
 LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 
 
-def run(dtype_name: str, repeats: int, with_profile: bool, ablate: list[str], peaks: dict[str, float]) -> None:
+def run(dtype_name: str, repeats: int, with_profile: bool, ablate: list[str], peaks: dict[str, float],
+        without_dropout: bool = False) -> None:
     device = torch.device("cpu")
     args = train_args(dtype_name)
     precision = choose_precision(device, dtype_name == "bf16")
@@ -580,6 +582,19 @@ def run(dtype_name: str, repeats: int, with_profile: bool, ablate: list[str], pe
         sides[f"ours without {name}"] = switched([name])
     if len(ablate) > 1:
         sides["ours without " + " + ".join(ablate)] = switched(ablate)
+    if without_dropout:
+        adapters = [a for layer in lora_layers(model.decoder).values() for a in layer.adapters.values()
+                    if isinstance(a, LoRAAdapter)]
+
+        def no_dropout_step():
+            for a in adapters:
+                a.dropout_p = 0.0
+            try:
+                ours_step()
+            finally:
+                for a in adapters:
+                    a.dropout_p = args.lora_dropout
+        sides["ours, LoRA dropout 0 (not the task)"] = no_dropout_step
 
     load_before = load_text()
     times = alternate(sides, repeats)
@@ -618,6 +633,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--ablate", nargs="+", default=[], choices=ABLATIONS,
                    help="also time our step with these optimisations switched off (each, and all together)")
+    p.add_argument("--without_dropout", action="store_true",
+                   help="also time our step with the adapters' dropout set to 0: what the dropout costs")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -630,7 +647,7 @@ def main(argv=None) -> int:
           f"load {load_text()}; matmul peak fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 (torch kernel) "
           f"{peaks['bf16']:.1f} GFLOP/s")
     for name in args.dtypes:
-        run(name, args.repeats, args.profile, args.ablate, peaks)
+        run(name, args.repeats, args.profile, args.ablate, peaks, args.without_dropout)
     return 0
 
 
