@@ -19,8 +19,8 @@ and [N, out]) added up to a fifth of the step. Here:
 What is saved for backward: the input x itself (q, k and v share one), the mask m (one byte an
 element) and z [N, r]; m ⊙ x is recomputed in backward for A's gradient. The node kept before an
 fp32 factor c·m and the dropped copy per adapter: SmolLM2's stage-1 step (bench/train_step.py's)
-peaked 1439 MiB above its parameters with that, 950 MiB with this, at the same speed
-(`python bench/train_step.py --ablate byte-mask`: 2.86 s and 2.84 s a step).
+peaked 1439 MiB above its parameters with that, 950 MiB with this; the step's time did not move
+beyond this CPU's run-to-run noise (`python bench/train_step.py --ablate byte-mask`, README).
 
 Gradients: the base weight and bias get theirs only if they require grad (they are frozen in
 CLaRa; a full fine-tune still works).
