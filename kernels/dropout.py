@@ -31,49 +31,51 @@ import torch.nn.functional as F
 LEVELS = 1 << 16  # the mask is drawn as uniform 16-bit integers
 
 
-def keep_probability(p: float) -> float:
-    """The probability an element is kept, after rounding p to the 16-bit grid."""
+def _on_cpu(device) -> bool:
+    return device is None or torch.device(device).type == "cpu"
+
+
+def keep_probability(p: float, device=None) -> float:
+    """The probability an element is kept: on CPU after rounding p to the 16-bit grid of the numpy
+    draw, elsewhere (torch's bernoulli_) exactly 1 - p."""
+    if not _on_cpu(device):
+        return 1 - p
     return (LEVELS - round(p * LEVELS)) / LEVELS
 
 
-def _random_uint16(n: int) -> np.ndarray:
-    """n uniform 16-bit integers, from a generator seeded by torch's default CPU generator."""
+def _keep_bits(n: int, p: float, out: np.ndarray | None = None) -> np.ndarray:
+    """n booleans (into `out` if given), each True with probability keep_probability(p)."""
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # from torch's generator: see the docstring
     # Raw 64-bit outputs cut into four 16-bit integers each: uniform on [0, 65536), and cheaper
     # than asking the generator for bounded integers.
-    return np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
-
-
-def _keep_bits(n: int, p: float) -> np.ndarray:
-    """n booleans, each True with probability keep_probability(p)."""
-    return np.greater_equal(_random_uint16(n), round(p * LEVELS))
+    bits = np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
+    return np.greater_equal(bits, round(p * LEVELS), out=out)
 
 
 def keep_mask(shape: torch.Size, p: float, device=None) -> torch.Tensor:
-    """uint8 tensor of `shape`: 1 where kept (probability keep_probability(p)), 0 where dropped.
+    """uint8 tensor of `shape`: 1 where kept (probability keep_probability(p, device)), 0 where dropped.
 
     The same draw as dropout_factor (same seed, same decisions), one byte an element instead of
     four: kernels/lora.py keeps it for the backward and scales the [N, r] product instead of x.
     numpy writes the comparison straight into torch-allocated memory. Other devices: bernoulli_.
     """
-    if device is not None and torch.device(device).type != "cpu":
+    if not _on_cpu(device):
         return torch.empty(shape, dtype=torch.uint8, device=device).bernoulli_(1 - p)
     mask = torch.empty(shape, dtype=torch.uint8)
-    bits = _random_uint16(mask.numel())
-    np.greater_equal(bits, round(p * LEVELS), out=mask.numpy().reshape(-1).view(np.bool_))
+    _keep_bits(mask.numel(), p, out=mask.numpy().reshape(-1).view(np.bool_))
     return mask
 
 
 def dropout_factor(shape: torch.Size, p: float, scale: float = 1.0, device=None) -> torch.Tensor:
     """fp32 tensor of `shape`: scale / keep_probability(p) where kept, 0 where dropped.
 
-    x * dropout_factor(x.shape, p) is dropout(x, p); a LoRA layer folds its alpha/r into `scale`,
-    so dropping and scaling its input is one multiply. On CPU the factor is written by numpy in one
-    pass from the boolean draw (a uint8 mask widened and scaled by torch takes two more). Elsewhere
-    the mask comes from torch's bernoulli_ on the device.
+    x * dropout_factor(x.shape, p) is dropout(x, p); `scale` multiplies the kept values too, so
+    dropping and scaling is one multiply. On CPU the factor is written by numpy in one pass from the
+    boolean draw (a uint8 mask widened and scaled by torch takes two more). Elsewhere the mask comes
+    from torch's bernoulli_ on the device.
     """
-    if device is not None and torch.device(device).type != "cpu":
-        return torch.empty(shape, device=device).bernoulli_(1 - p).mul_(scale / (1 - p))
+    if not _on_cpu(device):
+        return torch.empty(shape, device=device).bernoulli_(1 - p).mul_(scale / keep_probability(p, device))
     factor = torch.empty(shape, dtype=torch.float32)  # torch's allocator: memory accounting sees it
     value = np.float32(scale / keep_probability(p))
     np.multiply(_keep_bits(factor.numel(), p), value, out=factor.numpy().reshape(-1))

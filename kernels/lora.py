@@ -95,7 +95,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     keep, scale = None, scaling
     if training and dropout_p > 0.0:
         keep = keep_mask(x2.shape, dropout_p, device=x.device)
-        scale = scaling / (keep_probability(dropout_p) if x.device.type == "cpu" else 1 - dropout_p)
+        scale = scaling / keep_probability(dropout_p, x.device)
     if widen:
         with torch.autocast("cpu", enabled=False):
             out = _LoRALinear.apply(x2.float(), weight.float(), None if bias is None else bias.float(),
