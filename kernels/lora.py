@@ -40,7 +40,13 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, keep, scale):
         # x [N, in]; keep [N, in] uint8 dropout mask or None; scale: c above
         out = F.linear(x, weight, bias)  # [N, out]
-        z = (x if keep is None else x * keep).mm(lora_a.t())  # [N, r]; the masked copy is temporary
+        # The mask is widened into a buffer that then takes the product in place: x * keep would
+        # widen it into a hidden temporary and allocate the product besides.
+        masked = x if keep is None else keep.to(x.dtype, copy=True).mul_(x)  # temporary
+        # A^T [in, r] copied contiguous (r·in elements): MKL's r-wide product ran 15-33 % faster
+        # with it than with the transposed view (timed alone at the shapes of SmolLM2's step).
+        z = masked.mm(lora_a.t().contiguous())  # [N, r]
+        del masked
         if scale != 1.0:
             z.mul_(scale)
         out.addmm_(z, lora_b.t())
@@ -56,21 +62,21 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.scale != 1.0:
             grad_z.mul_(ctx.scale)  # from here on, the gradient with respect to A (m ⊙ x)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        spare = None  # an [N, in] buffer free for the recomputed m ⊙ x
+        # The mask widened once for both of its uses below (each would widen it again by itself).
+        keep = None if keep is None else keep.to(x.dtype, copy=True)
         if need_x:
             grad_x = grad.mm(weight)
             if keep is None:
                 grad_x.addmm_(grad_z, lora_a)
             else:
-                spare = grad_z.mm(lora_a)
-                grad_x.addcmul_(spare, keep)
+                grad_x.addcmul_(grad_z.mm(lora_a), keep)
         if need_w:
             grad_w = grad.t().mm(x)
         if need_bias:
             grad_bias = grad.sum(0)
         if need_a:
-            masked = x if keep is None else torch.mul(x, keep, out=spare)
-            grad_a = grad_z.t().mm(masked)  # [r, in]
+            masked = x if keep is None else keep.mul_(x)  # m ⊙ x recomputed in the widened mask's buffer
+            grad_a = grad_z.t().contiguous().mm(masked)  # [r, in]; contiguous [r, N] as above
         if need_b:
             grad_b = z.t().mm(grad).t()  # [out, r]: dL/dB = g^T z (z as stored, scale included)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None

@@ -23,11 +23,12 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        silu = F.silu(gate)
-        grad_up = grad * silu if ctx.needs_input_grad[1] else None
+        # Two [T, F] allocations, each result written over its own temporary.
+        grad_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
         grad_gate = None
         if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+            grad_gate = grad * up
+            torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
         return grad_gate, grad_up
 
 
