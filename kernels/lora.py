@@ -60,8 +60,10 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.scale != 1.0:
             grad_z.mul_(ctx.scale)  # from here on, the gradient with respect to A (m ⊙ x)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        # The mask widened once for both of its uses below (each would widen it again by itself).
-        keep = None if keep is None else keep.to(x.dtype, copy=True)
+        # The mask widened once for both of its uses below (each would widen it again by itself),
+        # and not at all when neither the input's nor A's gradient is wanted.
+        if keep is not None and (need_x or need_a):
+            keep = keep.to(x.dtype, copy=True)
         if need_x:
             grad_x = grad.mm(weight)
             if keep is None:

@@ -234,6 +234,24 @@ def test_lora_linear_with_dropout_uses_one_mask_for_value_and_gradients():
     assert torch.equal(state, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("wanted", ["up", "a", "x", "w"])
+def test_lora_linear_with_dropout_gives_any_subset_of_gradients(wanted):
+    # The backward uses (and widens) the mask only for the input's and A's gradients.
+    x, w, bias, a, up = lora_inputs((6, 4), True, 4)
+    tensors = {"x": x, "w": w, "a": a, "up": up}
+    for name, t in tensors.items():
+        t.requires_grad_(name == wanted)
+    torch.manual_seed(12)
+    out = lora_linear(x, w, bias, a, up, scaling=2.0, dropout_p=0.3, training=True)
+    torch.manual_seed(12)
+    factor = dropout_factor((24, 12), 0.3, scale=2.0).view(6, 4, 12)
+    expected = x @ w.T + bias + ((x * factor) @ a.T) @ up.T
+    grad = torch.randn(out.shape)
+    (mine,) = torch.autograd.grad(out, tensors[wanted], grad)
+    (ref,) = torch.autograd.grad(expected, tensors[wanted], grad)
+    assert torch.allclose(mine, ref, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("with_dropout", [False, True])
 def test_lora_linear_gradcheck(with_dropout):
     g = torch.Generator().manual_seed(5)
