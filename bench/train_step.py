@@ -37,7 +37,9 @@ measures what the official code does on such a CPU.
 
 Runs ours and the reference alternately (as bench/decoder.py side_by_side, the order rotating each
 round), median of --repeats, and prints the machine's load average before and after: with only 2
-cores, other processes slow torch's threads down a lot.
+cores, other processes slow torch's threads down a lot. Besides the ratio of the medians it prints
+the ratio within each round (the reference's step over ours run next to it), whose spread shows how
+much the machine's speed moved.
 
 FLOPs: counted per side from the shapes (see `step_flops`), divided by the step time and set
 beside this CPU's measured fp32 and bf16 matmul rates (model FLOPs utilisation).
@@ -375,10 +377,11 @@ def ablation(model: Clara, name: str):
     raise ValueError(f"unknown ablation {name!r}")
 
 
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function after one warm-up call each, run in turn `repeats` times so
-    that all of them see the same machine (bench/decoder.py's side_by_side, for any number). The
-    order rotates every round, so no function always runs right after the same other one."""
+def alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function, one per round, after one warm-up call each: they run in turn
+    `repeats` times so that all of them see the same machine (bench/decoder.py's side_by_side, for
+    any number). The order rotates every round, so no function always runs right after the same
+    other one."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -388,7 +391,7 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +600,8 @@ def run(dtype_name: str, repeats: int, with_profile: bool, ablate: list[str], pe
         sides["ours, LoRA dropout 0 (not the task)"] = no_dropout_step
 
     load_before = load_text()
-    times = alternate(sides, repeats)
+    rounds = alternate(sides, repeats)
+    times = {side: statistics.median(ts) for side, ts in rounds.items()}
     load_after = load_text()
 
     tokens = enc.input_ids.numel() + dec.input_ids.numel()
@@ -615,6 +619,10 @@ def run(dtype_name: str, repeats: int, with_profile: bool, ablate: list[str], pe
     floor = f_ours["total"] / peaks["fp32"] / 1e9
     print(f"{dtype_name:5} reference / ours = {times['reference'] / times['ours']:.2f}x; our FLOPs at the fp32 "
           f"matmul peak alone take {floor:.2f} s; load average {load_before} -> {load_after}")
+    # The machine's speed drifts between rounds; the two sides of one round saw the same machine.
+    per_round = sorted(r / o for r, o in zip(rounds["reference"], rounds["ours"]))
+    print(f"      reference / ours within each round: median {statistics.median(per_round):.2f}x, "
+          f"{per_round[0]:.2f}-{per_round[-1]:.2f}x over {len(per_round)} rounds")
     if dtype_name == "bf16" and not cpu_has_native_bf16():
         print("      (ours multiplies bf16 tensors in fp32 on this CPU, so its rate can pass the bf16 kernel's peak)")
     print(f"      tok/s counts the {tokens} encoder + decoder positions of a step", flush=True)
