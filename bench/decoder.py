@@ -25,7 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# transformers' reference model is built by the test helpers (a test-only dependency).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from hf_reference import reference_from_ours  # noqa: E402
 
 from clara.generate import generate  # noqa: E402
 from clara.lora import apply_lora, set_active_adapter, trainable_parameters  # noqa: E402
@@ -33,32 +36,6 @@ from clara.weights import embedded_model_path, load_gguf  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def reference_from_ours(ours) -> nn.Module:
-    """transformers' Llama with exactly our weights (our names mapped back to theirs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = ours.config
-    hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    hf_cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(hf_cfg)
-    state = {}
-    for name, tensor in ours.state_dict().items():
-        name = name.replace(".attn.", ".self_attn.").replace("input_norm", "input_layernorm")
-        name = name.replace("post_attention_norm", "post_attention_layernorm")
-        state["model." + name] = tensor
-    hf.load_state_dict(state, strict=False, assign=True)
-    hf.tie_weights()
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)  # rebuild its buffers off the meta device
-    return hf.eval()
 
 
 def add_lora_hooks(model: nn.Module, rank: int = 16, seed: int = 0) -> list[nn.Parameter]:

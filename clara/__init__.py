@@ -1,26 +1,51 @@
-"""CLaRa in pure PyTorch: the decoder, its weights and tokenizer, generation.
+"""CLaRa in pure PyTorch: documents compressed into memory vectors by one decoder, which then
+retrieves over those vectors and generates from them, trained end to end.
 
-    from clara import load_base, generate_text
-    model, tokenizer = load_base("smollm2-135m")
-    print(generate_text(model, tokenizer, "What is the capital of France?"))
+    from clara import Clara, ClaraConfig
+    model = Clara.from_base("smollm2-135m", ClaraConfig(compress_rate=32, doc_max_length=256))
+    memory = model.compress_documents(["Kale is rich in vitamin K."])      # [1, 8, hidden]
+
+The pieces: `clara.decoder` (the transformer), `clara.weights` / `clara.tokenizer` (loading a
+base), `clara.lora` (named adapters on one frozen base), `clara.compressor`, `clara.topk`
+(differentiable top-k), `clara.retrieval` (scores and `MemoryIndex`), `clara.model` (`Clara`).
+The folders kernels/, data/ and recipes/ of the source tree are `clara.kernels`, `clara.data`
+and `clara.recipes`.
 """
 
-from clara.config import ClaraConfig, DecoderConfig
-from clara.decoder import Decoder, KVCache
-from clara.tokenizer import Tokenizer, load_tokenizer
-from clara.weights import WeightsError, extend_vocabulary, load_base
+import importlib
 
-__all__ = [
-    "ClaraConfig", "Decoder", "DecoderConfig", "KVCache", "Tokenizer", "WeightsError",
-    "extend_vocabulary", "generate_text", "load_base", "load_tokenizer",
-]
+# Names resolve on first use, so `import clara.data.validate` does not pay for torch and the
+# model, and `python -m clara.generate` does not find its own module already imported.
+_EXPORTS = {
+    "Clara": "clara.model",
+    "ClaraBatch": "clara.model",
+    "ClaraConfig": "clara.config",
+    "DecoderConfig": "clara.config",
+    "Decoder": "clara.decoder",
+    "KVCache": "clara.decoder",
+    "MemoryIndex": "clara.retrieval",
+    "Tokenizer": "clara.tokenizer",
+    "load_tokenizer": "clara.tokenizer",
+    "WeightsError": "clara.weights",
+    "extend_vocabulary": "clara.weights",
+    "load_base": "clara.weights",
+    "generate_text": "clara.generate",
+    "differentiable_topk": "clara.topk",
+    "apply_lora": "clara.lora",
+    "use_adapter": "clara.lora",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # Imported lazily so `python -m clara.generate` does not find its module already imported.
-    # (`clara.generate` itself is the module; the function is `clara.generate.generate`.)
-    if name == "generate_text":
-        import importlib
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clara' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return getattr(importlib.import_module("clara.generate"), name)
-    raise AttributeError(f"module 'clara' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

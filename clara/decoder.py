@@ -23,10 +23,10 @@ from torch.utils.checkpoint import checkpoint
 
 from clara.config import DecoderConfig, rope_attention_factor
 from clara.lora import checkpoint_context
-from kernels import AttentionMask, Linear, attention, build_attention_mask, linear
-from kernels.norm import rms_norm
-from kernels.rope import apply_rotary  # rotate-half layout, one autograd node
-from kernels.swiglu import swiglu
+from clara.kernels import AttentionMask, Linear, attention, build_attention_mask, linear
+from clara.kernels.norm import rms_norm
+from clara.kernels.rope import apply_rotary  # rotate-half layout, one autograd node
+from clara.kernels.swiglu import swiglu
 
 
 # ------------------------------------------------------------------------------------------------

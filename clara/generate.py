@@ -118,7 +118,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m clara.generate",
+        prog="clara-generate",
         description="Generate text with a base decoder, streaming tokens to stdout as they are produced.",
     )
     p.add_argument("--model", default="smollm2-135m",

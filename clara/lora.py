@@ -53,8 +53,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from kernels import Dropout, linear
-from kernels.lora import lora_linear
+from clara.kernels import Dropout, linear
+from clara.kernels.lora import lora_linear
 
 ALL_LINEAR = "all-linear"
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -268,7 +268,7 @@ class Clara(nn.Module):
     # Training forward
     # -----------------------------------------------------------------------------------------
     def collate(self, examples: Sequence[Any], max_len: int | None = None) -> ClaraBatch:
-        """Tensors for examples of data.formats (Stage1Example, Stage1_2Example, Stage2Example)."""
+        """Tensors for examples of clara.data.formats (Stage1Example, Stage1_2Example, Stage2Example)."""
         if not examples:
             raise ValueError("collate: empty batch")
         stage = self.config.training_stage

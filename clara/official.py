@@ -462,7 +462,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m clara.official",
+        prog="clara-import",
         description="Convert an official CLaRa checkpoint directory (config.json, adapters.pth, "
                     "decoder_first_last_layers.pth) into a Clara checkpoint. The .pth files are read with "
                     "torch.load(weights_only=True) only.",

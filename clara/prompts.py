@@ -267,7 +267,7 @@ def end_to_end_prompt(tokenizer: Tokenizer, config: ClaraConfig, question: str, 
 
 def prompt_for_example(example: Any, tokenizer: Tokenizer, config: ClaraConfig, rng: random.Random,
                        texts: PromptTexts = DEFAULT_TEXTS) -> EncodedPrompt:
-    """The training prompt of one example of data.formats, by config.training_stage.
+    """The training prompt of one example of clara.data.formats, by config.training_stage.
 
     Stage1 paraphrase rows restate `answers[0]`, the text the official data puts there (the
     documents themselves); stage2 uses generation_top_k slots whatever the number of candidates.

@@ -1,9 +1,9 @@
 """BM25 as a retriever on the candidates of stage2 files: recall@1/3/5, precision@1/3/5, MRR.
 
-    python -m data.bm25_baseline FILE [FILE ...] --stage stage2 --out results/bm25
+    python -m clara.data.bm25_baseline FILE [FILE ...] --stage stage2 --out results/bm25
 
 For each row, BM25 ranks that row's own candidates (`docs`) for its question, and the ranking is
-scored against `pos_index` with `data.metrics.retrieval_scores` - the same candidates and the
+scored against `pos_index` with `clara.data.metrics.retrieval_scores` - the same candidates and the
 same metrics the end-to-end model is judged on. The BM25 statistics (document frequencies,
 average length) come from all distinct candidate texts of the file, not from the 20 candidates
 of one row alone, which would make idf meaningless. Candidates with equal scores keep their
@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data.atomic import atomic_write_json, atomic_write_text
-from data.bm25 import BM25Index
-from data.formats import Stage2Example, ValidationError, read_stage_file
-from data.metrics import RETRIEVAL_KS, retrieval_scores
+from clara.data.atomic import atomic_write_json, atomic_write_text
+from clara.data.bm25 import BM25Index
+from clara.data.formats import Stage2Example, ValidationError, read_stage_file
+from clara.data.metrics import RETRIEVAL_KS, retrieval_scores
 
 BASELINE_STAGES = ("stage2", "stage2_pretrain_retrieval")
 
@@ -67,7 +67,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data.bm25_baseline",
+        prog="clara-data bm25",
         description="BM25 retrieval baseline on the candidates of stage2 files "
                     "(recall@1/3/5, precision@1/3/5, MRR against pos_index).")
     parser.add_argument("files", nargs="+", metavar="FILE", help="stage2 JSONL file(s) with pos_index")

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from data.atomic import atomic_write_jsonl
+from clara.data.atomic import atomic_write_jsonl
 
 STAGES = ("stage1", "stage1_2", "stage2", "stage2_pretrain_retrieval")
 DATA_TYPES = ("qa", "paraphrase")
@@ -74,7 +74,7 @@ class ValidationError(ValueError):
         shown = [str(problem) for problem in self.problems[:MAX_PROBLEMS_IN_MESSAGE]]
         hidden = len(self.problems) - len(shown)
         if hidden:
-            shown.append(f"... and {hidden} more (python -m data.validate lists them all)")
+            shown.append(f"... and {hidden} more (python -m clara.data.validate lists them all)")
         noun = "problem" if len(self.problems) == 1 else "problems"
         super().__init__(f"{len(self.problems)} {noun}:\n" + "\n".join(shown))
 

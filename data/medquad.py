@@ -1,6 +1,6 @@
 """MedQuAD question-answer pairs -> stage1, stage1_2 and stage2 JSONL files, with train/dev splits.
 
-    python -m data.medquad --input ../shared/data/medquad/medquad_qa.jsonl --out_dir out/medquad
+    python -m clara.data.medquad --input ../shared/data/medquad/medquad_qa.jsonl --out_dir out/medquad
 
 Input: JSONL, one `{id, source, url, focus, qtype, question, answer}` per line (NIH pages; the
 answer is a whole passage). `question` and `answer` are required; a record without a focus uses
@@ -39,10 +39,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data.bm25 import BM25Index
-from data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
+from clara.data.bm25 import BM25Index
+from clara.data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
     write_outputs
-from data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
+from clara.data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
 
 REQUIRED_FIELDS = ("question", "answer")
 # A question template whose topic slot was left empty in the source ("What is (are)  ?",
@@ -238,7 +238,7 @@ def convert_medquad(records: Sequence[MedQuADRecord], settings: MedQuADSettings)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data.medquad",
+        prog="clara-data medquad",
         description="Convert MedQuAD to CLaRa stage1 / stage1_2 / stage2 JSONL files with "
                     "deterministic train/dev splits (by topic). See the module docstring.")
     parser.add_argument("--input", required=True, help="MedQuAD JSONL (id, source, focus, qtype, "

@@ -7,11 +7,11 @@ The knowledge base lives in the folder ``data/nutrition_kb/`` next to this file:
 
 ``load_knowledge_base()`` reads and validates it and returns ``KBDocument`` dataclasses;
 ``coverage_report()`` lists, for each diet-drug / diet-disease interaction NutriBot must know
-about, the documents whose tags cover it; ``python -m data.nutrition_kb --out DIR`` writes the
+about, the documents whose tags cover it; ``python -m clara.data.nutrition_kb --out DIR`` writes the
 CLaRa stage files (stage1, stage1_2, stage2) with a deterministic train/dev split.
 
 (This module and the folder share a name on purpose: the folder has no ``__init__.py``, so
-``import data.nutrition_kb`` always finds this file.)
+``import clara.data.nutrition_kb`` always finds this file.)
 """
 
 from __future__ import annotations
@@ -614,7 +614,7 @@ def convert(documents: Sequence[KBDocument], out_dir: str | os.PathLike, config:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = ConversionConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m data.nutrition_kb",
+        prog="clara-data kb",
         description="Validate NutriBot's nutrition knowledge base and write CLaRa stage files "
         "(stage1, stage1_2, stage2; train and dev) from it, or print its interaction coverage.",
     )

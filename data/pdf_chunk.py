@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
-from data.pdf_clean import PageText
+from clara.data.pdf_clean import PageText
 
 
 @runtime_checkable

@@ -28,7 +28,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from data.pdf_extract import RawPdf, TableBlock, TextLine
+from clara.data.pdf_extract import RawPdf, TableBlock, TextLine
 
 EDGE_LINES = 3  # how many lines at the top and at the bottom of a page may be header/footer
 PARAGRAPH_GAP = 0.6  # vertical gap, in line heights, above which a new paragraph starts

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.atomic import atomic_write_jsonl
-from data.pdf_chunk import Chunk
-from data.pdf_generators import GeneratorError, TextGenerator
-from data.pdf_qa_parse import parse_paraphrase, parse_qa_pairs
+from clara.data.atomic import atomic_write_jsonl
+from clara.data.pdf_chunk import Chunk
+from clara.data.pdf_generators import GeneratorError, TextGenerator
+from clara.data.pdf_qa_parse import parse_paraphrase, parse_qa_pairs
 
 JOURNAL_NAME = "stage1.progress.jsonl"
 STAGE1_NAME = "stage1.jsonl"

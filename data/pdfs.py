@@ -1,6 +1,6 @@
 """PDFs -> clean page texts -> token chunks -> stage1 QA and paraphrase rows.
 
-    python -m data.pdfs DIR --out OUT_DIR [--tokenizer smollm2-135m] [--doc_max_length 256]
+    python -m clara.data.pdfs DIR --out OUT_DIR [--tokenizer smollm2-135m] [--doc_max_length 256]
         [--overlap 32] [--no_qa | --generator openai|local --llm_model NAME ...]
 
 Writes into OUT_DIR:
@@ -24,13 +24,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data.atomic import atomic_write_json, atomic_write_jsonl
-from data.pdf_chunk import Chunk, ChunkConfig, Tokenizer, WhitespaceTokenizer, chunk_pages
-from data.pdf_clean import PageText, clean_pages
-from data.pdf_extract import PdfSkipped, read_pdf
-from data.pdf_generators import (KEY_ENV, MODEL_ENV, URL_ENV, HttpGeneratorConfig,
+from clara.data.atomic import atomic_write_json, atomic_write_jsonl
+from clara.data.pdf_chunk import Chunk, ChunkConfig, Tokenizer, WhitespaceTokenizer, chunk_pages
+from clara.data.pdf_clean import PageText, clean_pages
+from clara.data.pdf_extract import PdfSkipped, read_pdf
+from clara.data.pdf_generators import (KEY_ENV, MODEL_ENV, URL_ENV, HttpGeneratorConfig,
                                  LocalModelGenerator, OpenAICompatibleGenerator, TextGenerator)
-from data.pdf_qa import GenerationConfig, GenerationCounts, generate_stage1
+from clara.data.pdf_qa import GenerationConfig, GenerationCounts, generate_stage1
 
 CHUNKS_NAME = "chunks.jsonl"
 REPORT_NAME = "report.json"
@@ -175,7 +175,7 @@ def format_summary(report: ExtractionReport, chunks: list[Chunk],
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data.pdfs",
+        prog="clara-data pdfs",
         description="Extract text from PDFs, cut it into token chunks and (unless --no_qa) "
                     "generate stage1 QA and paraphrase rows with a language model.",
         epilog=f"The openai generator reads its server from the environment only: {URL_ENV} "

@@ -1,7 +1,7 @@
 """PubMedQA (labelled part) -> stage1, stage1_2 and stage2 JSONL files, with train/dev splits.
 
-    python -m data.pubmedqa --input ../shared/data/pubmedqa/pqal_trainval.json --out_dir out/pubmedqa
-    python -m data.pubmedqa --hf pubmed_qa/pqa_labeled --out_dir out/pubmedqa   # needs `datasets`
+    python -m clara.data.pubmedqa --input ../shared/data/pubmedqa/pqal_trainval.json --out_dir out/pubmedqa
+    python -m clara.data.pubmedqa --hf pubmed_qa/pqa_labeled --out_dir out/pubmedqa   # needs `datasets`
 
 Input: the official `ori_pqal.json` layout (`{pmid: {QUESTION, CONTEXTS, LONG_ANSWER,
 final_decision, ...}}`), a JSON list of such records, a JSONL file of them (with `pmid`, `pubid`
@@ -23,7 +23,7 @@ sections without the conclusion, LONG_ANSWER is the conclusion, final_decision i
   whole input, both splits), shuffled with a seed per record; pos_index = the positive's place.
 The target `answer` follows --answer_style (decision: "yes"; long: the long answer; both:
 "Yes. <long answer>"); `golden_answers` is always [the decision], for yes/no/maybe scoring.
-Splits: records are assigned to dev by id (--dev_fraction, --seed; see data.conversion.dev_keys).
+Splits: records are assigned to dev by id (--dev_fraction, --seed; see clara.data.conversion.dev_keys).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from data.bm25 import BM25Index
-from data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
+from clara.data.bm25 import BM25Index
+from clara.data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
     write_outputs
-from data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
+from clara.data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
 
 DECISIONS = ("yes", "no", "maybe")
 ANSWER_STYLES = ("decision", "long", "both")
@@ -320,7 +320,7 @@ def convert_pubmedqa(records: Sequence[PubMedQARecord], settings: PubMedQASettin
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data.pubmedqa",
+        prog="clara-data pubmedqa",
         description="Convert PubMedQA (labelled) to CLaRa stage1 / stage1_2 / stage2 JSONL files "
                     "with deterministic train/dev splits. See the module docstring for the rules.")
     source = parser.add_mutually_exclusive_group(required=True)

@@ -1,6 +1,6 @@
 """Check stage JSONL files and list every problem in them.
 
-    python -m data.validate FILE [FILE ...] --stage stage1|stage1_2|stage2|stage2_pretrain_retrieval [--top_k K]
+    python -m clara.data.validate FILE [FILE ...] --stage stage1|stage1_2|stage2|stage2_pretrain_retrieval [--top_k K]
 
 Prints one line per problem (`file:line: field: message`), then a summary line per file. Exits
 with status 1 when any file has a problem, 0 otherwise. Row contents are never printed.
@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from data.formats import STAGES, FileReport, Stage1Example, Stage2Example, validate_stage_file
+from clara.data.formats import STAGES, FileReport, Stage1Example, Stage2Example, validate_stage_file
 
 
 def summarize(path: str, stage: str, report: FileReport) -> str:
@@ -36,7 +36,7 @@ def summarize(path: str, stage: str, report: FileReport) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data.validate",
+        prog="clara-data validate",
         description="Validate CLaRa stage JSONL files; list every problem with file, line and field.")
     parser.add_argument("files", nargs="+", metavar="FILE", help="stage JSONL file(s) to check")
     parser.add_argument("--stage", required=True, choices=STAGES,

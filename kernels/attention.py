@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.matmul import widen_on_this_cpu
+from clara.kernels.matmul import widen_on_this_cpu
 
 
 @dataclass

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import keep_mask, keep_probability
-from kernels.matmul import WIDEN_MIN_ROWS, widen_on_this_cpu
+from clara.kernels.dropout import keep_mask, keep_probability
+from clara.kernels.matmul import WIDEN_MIN_ROWS, widen_on_this_cpu
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -90,7 +90,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     natively, or mixed dtypes outside autocast).
 
     x [..., in] -> [..., out] in x's dtype. On CPUs without bf16 GEMMs a low-precision x (or autocast
-    to bf16/fp16) is widened to fp32 here as kernels.matmul.linear does, with fp32 adapters.
+    to bf16/fp16) is widened to fp32 here as clara.kernels.matmul.linear does, with fp32 adapters.
     """
     widen = x.numel() >= WIDEN_MIN_ROWS * x.shape[-1] and widen_on_this_cpu(x)
     if not widen and (torch.is_autocast_enabled(x.device.type)

@@ -5,7 +5,7 @@
 
 Composed, autograd keeps g (for silu's backward), silu(g) and u (for the product's): three
 [T, F] tensors a block, the largest ones in the model. silu(g) is cheap to recompute from g, so
-this node keeps g and u only and rebuilds silu(g) in backward, from data the backward reads anyway.
+this node keeps g and u only and rebuilds silu(g) in backward, from clara.data the backward reads anyway.
 """
 
 from __future__ import annotations

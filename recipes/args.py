@@ -1,4 +1,4 @@
-"""Command-line flags of `python -m recipes.train_sft`.
+"""Command-line flags of `python -m clara.recipes.train_sft`.
 
 The flags are those of the official CLaRa training CLI (ml-clara `openrlhf/cli/train_sft.py`),
 with the same names and defaults, so the published command lines run as written. Flags that only
@@ -26,7 +26,7 @@ IGNORED = "Accepted for compatibility with the official CLI and ignored"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m recipes.train_sft",
+        prog="clara-train",
         description="Train CLaRa (compressor + generator adapters over one frozen decoder) for one stage. "
                     "Flags follow the official ml-clara train_sft.py; DeepSpeed-only flags are accepted and ignored.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

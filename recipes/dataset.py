@@ -1,4 +1,4 @@
-"""Training examples for a stage: from a JSONL path (data.formats) or a Hugging Face dataset name.
+"""Training examples for a stage: from a JSONL path (clara.data.formats) or a Hugging Face dataset name.
 
 The order of an epoch is a permutation drawn from (seed, epoch) alone, so a resumed run visits
 the examples in the same order as an uninterrupted one; `global_batches` cuts that order into the
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from data.formats import ValidationError, parse_stage_row, read_stage_file
+from clara.data.formats import ValidationError, parse_stage_row, read_stage_file
 
 
 def _looks_like_hub_name(name: str) -> bool:

@@ -1,9 +1,9 @@
 """Evaluate a Clara model on a stage file: answers (EM, cover-EM, F1), yes/no/maybe, retrieval.
 
-    python -m recipes.evaluate --model checkpoints/run --data out/pubmedqa/stage1_2_dev.jsonl --stage stage1_2
-    python -m recipes.evaluate --model smollm2-135m --data out/pubmedqa/stage2_dev.jsonl --stage stage2
+    python -m clara.recipes.evaluate --model checkpoints/run --data out/pubmedqa/stage1_2_dev.jsonl --stage stage1_2
+    python -m clara.recipes.evaluate --model smollm2-135m --data out/pubmedqa/stage2_dev.jsonl --stage stage2
 
-What each stage file is asked, and how it is scored (all scores from data.metrics):
+What each stage file is asked, and how it is scored (all scores from clara.data.metrics):
 
 | stage | one prediction per | the model call | scores |
 |---|---|---|---|
@@ -13,7 +13,7 @@ What each stage file is asked, and how it is scored (all scores from data.metric
 | stage1, paraphrase rows | row | generate_from_paraphrase(the row's docs) | EM, acc, F1 against answers[0] |
 
 Every prediction whose references all normalise to one of yes / no / maybe (PubMedQA's
-decisions; `data.pubmedqa` writes them as golden_answers) is also scored for yes/no/maybe
+decisions; `clara.data.pubmedqa` writes them as golden_answers) is also scored for yes/no/maybe
 accuracy and macro-F1, over that subset, whose size is reported.
 
 stage2 ranks all N candidates rather than only the k the generator reads, so recall@5 and MRR
@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from data.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from data.formats import Stage1Example, ValidationError, read_stage_file
-from data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
+from clara.data.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from clara.data.formats import Stage1Example, ValidationError, read_stage_file
+from clara.data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
 
 EVAL_STAGES = ("stage1", "stage1_2", "stage2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,7 +67,7 @@ class EvalOptions:
 @dataclass
 class Evaluation:
     predictions: list[dict[str, Any]]  # the rows written to the JSONL file
-    metrics: dict[str, Any]  # group -> the scores of data.metrics
+    metrics: dict[str, Any]  # group -> the scores of clara.data.metrics
     options: EvalOptions  # as run: generation_top_k resolved for stage2
 
 
@@ -75,7 +75,7 @@ class Evaluation:
 # Data and model
 # ---------------------------------------------------------------------------------------------
 def load_examples(path: str | Path, stage: str, top_k: int | None = None, max_samples: int | None = None) -> list:
-    """The file's examples (data.formats validation: every problem named by file, line and field)."""
+    """The file's examples (clara.data.formats validation: every problem named by file, line and field)."""
     examples = read_stage_file(path, stage, top_k if stage != "stage1" else None)
     return examples[:max_samples] if max_samples is not None else examples
 
@@ -281,7 +281,7 @@ def write_outputs(evaluation: Evaluation, output: str | Path, summary: dict[str,
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m recipes.evaluate",
+        prog="clara-eval",
         description="Evaluate a Clara model on a stage1 / stage1_2 / stage2 JSONL file: EM, cover-EM (acc) and "
                     "token F1 over every reference answer, yes/no/maybe accuracy and macro-F1 where the "
                     "references are decisions, and for stage2 recall@k / precision@k (k = 1, 3, 5) and MRR of "
@@ -347,10 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     load_seconds = time.perf_counter() - started
     kind = "a fresh, UNTRAINED Clara on base" if untrained else "Clara checkpoint"
-    print(f"[recipes.evaluate] {kind} {args.model} loaded in {load_seconds:.1f}s; {len(examples)} {args.stage} "
+    print(f"[clara.recipes.evaluate] {kind} {args.model} loaded in {load_seconds:.1f}s; {len(examples)} {args.stage} "
           f"rows of {args.data}", file=sys.stderr)
     if untrained:
-        print("[recipes.evaluate] note: the adapters are random, so expect scores near zero", file=sys.stderr)
+        print("[clara.recipes.evaluate] note: the adapters are random, so expect scores near zero", file=sys.stderr)
     if args.stage == "stage2" and "query_reasoner_adapter" not in model.adapter_names:
         print(f"error: {args.model} has no query reasoner (a {model.config.training_stage} checkpoint); "
               "evaluate it on stage1_2 files, or train stage2 first", file=sys.stderr)
@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "seed": args.seed, "dtype": args.dtype, "device": args.device,
                "seconds": round(seconds, 2), "load_seconds": round(load_seconds, 2)}
     paths = write_outputs(evaluation, args.output, summary)
-    print(f"[recipes.evaluate] {len(evaluation.predictions)} predictions in {seconds:.1f}s; wrote "
+    print(f"[clara.recipes.evaluate] {len(evaluation.predictions)} predictions in {seconds:.1f}s; wrote "
           f"{', '.join(str(p) for p in paths)}", file=sys.stderr)
     title = f"{args.model}{' (untrained)' if untrained else ''} on {args.data} ({args.stage}, {len(examples)} rows)"
     print(f"{title}\n\n{markdown_table(evaluation.metrics)}", end="")

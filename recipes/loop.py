@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from clara.config import ClaraConfig
 from clara.model import Clara
-from recipes import dataset as ds
-from recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_sum, barrier, full_parameters, gather_objects,
+from clara.recipes import dataset as ds
+from clara.recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_sum, barrier, full_parameters, gather_objects,
                                  init_distributed, is_sharded, shutdown, wrap_model)
-from recipes.precision import choose_precision, flash_attention_note, pick_device
+from clara.recipes.precision import choose_precision, flash_attention_note, pick_device
 
-log = logging.getLogger("recipes.train")
+log = logging.getLogger("clara.recipes.train")
 
 
 @dataclass
@@ -204,9 +204,9 @@ def checkpoint_root(args) -> Path:
 
 
 def train(args) -> TrainResult:
-    from recipes.plot import write_loss_curve_png
-    from recipes.schedule import lr_at
-    from recipes.train_state import find_latest_checkpoint
+    from clara.recipes.plot import write_loss_curve_png
+    from clara.recipes.schedule import lr_at
+    from clara.recipes.train_state import find_latest_checkpoint
 
     dist = init_distributed()
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
@@ -337,7 +337,7 @@ def train(args) -> TrainResult:
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(root: Path, model: Clara, optimizer, scaler, position: Position, args, dist: DistInfo) -> None:
     """Every rank takes part (sharded weights and optimizer state are gathered); rank 0 writes."""
-    from recipes.train_state import (capture_rng, prune_checkpoints, save_rng, save_train_state,
+    from clara.recipes.train_state import (capture_rng, prune_checkpoints, save_rng, save_train_state,
                                      write_checkpoint_atomically)
 
     rngs = gather_objects(capture_rng(), dist)
@@ -389,7 +389,7 @@ def restore_weights(directory: Path, model: Clara) -> None:
 
 
 def restore_training_state(directory: Path, model: Clara, optimizer, scaler, dist: DistInfo) -> Position:
-    from recipes.train_state import load_train_state, restore_rng
+    from clara.recipes.train_state import load_train_state, restore_rng
 
     view = FullStateOptimizer(optimizer) if is_sharded(model) else optimizer
     state = load_train_state(directory, view, rank=dist.rank)
@@ -472,9 +472,9 @@ def _evaluate(model: Clara, module, examples, args, precision, device, dist: Dis
     row: dict[str, Any] = {"step": position.global_step, "eval_loss": eval_loss}
     if args.do_eval_gen and is_sharded(model) and dist.is_main:
         log.info("--do_eval_gen: sample generations are skipped under FSDP2 (rank 0 alone cannot run a "
-                 "sharded model); run recipes.evaluate on the saved checkpoint instead")
+                 "sharded model); run clara.recipes.evaluate on the saved checkpoint instead")
     elif args.do_eval_gen and dist.is_main and args.stage in ("stage1_2", "stage2"):
-        from data.metrics import answer_scores
+        from clara.data.metrics import answer_scores
 
         sample = examples[: min(4, len(examples))]
         questions = [e.question for e in sample]

@@ -5,7 +5,7 @@ the micro-batch be?
                                 compress_rate=32, weight_dtype="fp16", compute_dtype="fp16",
                                 gradient_checkpointing=True)
     print(format_plan(plan))
-    python -m recipes.planner --model phi-2 --micro_batch 2 --dtype fp16 --gradient_checkpointing
+    python -m clara.recipes.planner --model phi-2 --micro_batch 2 --dtype fp16 --gradient_checkpointing
 
 What is counted (bytes; T tokens of a pass, E hidden, F intermediate, H/G query/key-value heads,
 D head dim, V vocabulary, s bytes of the compute dtype):
@@ -523,7 +523,7 @@ def load_model_config(model: str, _depth: int = 0) -> DecoderConfig:
 def plan_from_args(args: argparse.Namespace) -> str:
     """The --dry_run report of train_sft: the plan for the device and precision the run would pick
     (recipes/precision.py), and the largest micro-batch within --memory_budget_gb."""
-    from recipes.precision import choose_precision, pick_device
+    from clara.recipes.precision import choose_precision, pick_device
 
     cfg = load_model_config(args.pretrain)
     device = pick_device(args.device)
@@ -539,7 +539,7 @@ def plan_from_args(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m recipes.planner",
+    ap = argparse.ArgumentParser(prog="clara-plan",
                                  description="Estimate the peak memory of one CLaRa training step and the largest "
                                              "micro-batch that fits a budget.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

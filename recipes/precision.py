@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.matmul import cpu_has_native_bf16
+from clara.kernels.matmul import cpu_has_native_bf16
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def choose_precision(device: torch.device, bf16: bool) -> Precision:
 
 def flash_attention_note(device: torch.device, dtype: torch.dtype | None) -> str:
     """What `--flash_attn` ends up using, for the log."""
-    from kernels.attention import _flash_attn_module
+    from clara.kernels.attention import _flash_attn_module
 
     if device.type == "cuda" and _flash_attn_module() is not None:
         major, _ = torch.cuda.get_device_capability(device)

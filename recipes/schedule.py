@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from recipes.args import LR_SCHEDULERS
+from clara.recipes.args import LR_SCHEDULERS
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

@@ -1,8 +1,8 @@
-"""Train CLaRa: `python -m recipes.train_sft --stage stage1|stage1_2|stage2|stage2_pretrain_retrieval ...`
+"""Train CLaRa: `python -m clara.recipes.train_sft --stage stage1|stage1_2|stage2|stage2_pretrain_retrieval ...`
 
 The flags are those of the official release's train_sft.py (see `--help`), so its published command
 lines run as written; DeepSpeed-only flags are accepted and ignored. Several processes:
-`torchrun --nproc_per_node N -m recipes.train_sft ...` (DDP, or FSDP2 with --zero_stage 2/3).
+`torchrun --nproc_per_node N -m clara.recipes.train_sft ...` (DDP, or FSDP2 with --zero_stage 2/3).
 `--dry_run` prints the memory plan of the configuration and exits without loading weights.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from recipes.args import parse_args
+from clara.recipes.args import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(argv)
     if args.dry_run:
-        from recipes.planner import plan_from_args
+        from clara.recipes.planner import plan_from_args
 
         print(plan_from_args(args))
         return 0
-    from recipes.loop import train
+    from clara.recipes.loop import train
 
     result = train(args)
     return 130 if result.interrupted else 0

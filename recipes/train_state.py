@@ -165,7 +165,7 @@ def load_rng(directory: str | Path, rank: int = 0) -> dict[str, Any]:
 # Optimizer + the rest of the training state
 # ------------------------------------------------------------------------------------------------
 def _class_name(optimizer) -> str:
-    """The optimizer's class; a wrapper (recipes.distributed.FullStateOptimizer) names the one it wraps."""
+    """The optimizer's class; a wrapper (clara.recipes.distributed.FullStateOptimizer) names the one it wraps."""
     return getattr(optimizer, "class_name", type(optimizer).__name__)
 
 

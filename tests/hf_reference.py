@@ -6,6 +6,7 @@ transformers is a test-only dependency: it is the reference our decoder must mat
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from clara.config import DecoderConfig
 from clara.decoder import Decoder
@@ -64,3 +65,29 @@ def left_padded_batch(vocab: int, lengths: list[int], seed: int = 0):
         mask[i, t - n:] = 1
         ids[i, : t - n] = 0
     return ids, mask
+
+
+def reference_from_ours(ours) -> nn.Module:
+    """transformers' Llama with exactly our weights (our names mapped back to theirs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = ours.config
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hf_cfg)
+    state = {}
+    for name, tensor in ours.state_dict().items():
+        name = name.replace(".attn.", ".self_attn.").replace("input_norm", "input_layernorm")
+        name = name.replace("post_attention_norm", "post_attention_layernorm")
+        state["model." + name] = tensor
+    hf.load_state_dict(state, strict=False, assign=True)
+    hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)  # rebuild its buffers off the meta device
+    return hf.eval()

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data import bm25_baseline
-from data.bm25 import BM25Index, tokenize, top_indices
-from data.formats import Stage2Example, write_stage_file
+from clara.data import bm25_baseline
+from clara.data.bm25 import BM25Index, tokenize, top_indices
+from clara.data.formats import Stage2Example, write_stage_file
 
 DOCS = ["apple banana apple", "banana cherry", "cherry date egg fig"]  # lengths 3, 2, 4; avgdl 3
 

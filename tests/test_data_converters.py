@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from data import medquad, pubmedqa
-from data.conversion import cap_words, dev_keys, place_among
-from data.formats import ValidationError, read_stage_file, validate_stage_file
-from data.medquad import MedQuADRecord, MedQuADSettings, convert_medquad, load_medquad, pack_passages
-from data.pubmedqa import fit_to_k, load_pubmedqa
+from clara.data import medquad, pubmedqa
+from clara.data.conversion import cap_words, dev_keys, place_among
+from clara.data.formats import ValidationError, read_stage_file, validate_stage_file
+from clara.data.medquad import MedQuADRecord, MedQuADSettings, convert_medquad, load_medquad, pack_passages
+from clara.data.pubmedqa import fit_to_k, load_pubmedqa
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PUBMEDQA = SHARED_DATA / "pubmedqa" / "pqal_trainval.json"

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data import validate
-from data.formats import (Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError,
+from clara.data import validate
+from clara.data.formats import (Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError,
                           read_stage_file, validate_stage_file, write_stage_file)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -147,7 +147,7 @@ def test_error_message_is_capped_but_problems_are_all_kept(tmp_path):
     assert len(raised.value.problems) == 130
     assert lines[0] == "130 problems:"
     assert len(lines) == 1 + 100 + 1
-    assert lines[-1] == "... and 30 more (python -m data.validate lists them all)"
+    assert lines[-1] == "... and 30 more (python -m clara.data.validate lists them all)"
 
 
 def test_aliases_give_target_and_references(tmp_path):

@@ -18,16 +18,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.formats import validate_rows
-from data.pdf_chunk import Chunk, ChunkConfig, WhitespaceTokenizer, chunk_pages
-from data.pdf_clean import CleanStats, Dehyphenator, PageText, clean_pages, remove_headers_footers
-from data.pdf_extract import PdfSkipped, RawPage, RawPdf, TextLine, read_pdf
-from data.pdf_generators import (GeneratorError, HttpGeneratorConfig, OpenAICompatibleGenerator,
+from clara.data.formats import validate_rows
+from clara.data.pdf_chunk import Chunk, ChunkConfig, WhitespaceTokenizer, chunk_pages
+from clara.data.pdf_clean import CleanStats, Dehyphenator, PageText, clean_pages, remove_headers_footers
+from clara.data.pdf_extract import PdfSkipped, RawPage, RawPdf, TextLine, read_pdf
+from clara.data.pdf_generators import (GeneratorError, HttpGeneratorConfig, OpenAICompatibleGenerator,
                                  TextGenerator)
-from data.pdf_qa import (JOURNAL_NAME, STAGE1_NAME, GenerationConfig, GenerationJournal,
+from clara.data.pdf_qa import (JOURNAL_NAME, STAGE1_NAME, GenerationConfig, GenerationJournal,
                          generate_stage1)
-from data.pdf_qa_parse import parse_paraphrase, parse_qa_pairs
-from data.pdfs import build_parser, extract_all, extract_pdf, load_chunk_tokenizer, main
+from clara.data.pdf_qa_parse import parse_paraphrase, parse_qa_pairs
+from clara.data.pdfs import build_parser, extract_all, extract_pdf, load_chunk_tokenizer, main
 
 # ---------------------------------------------------------------------------------------------
 # A minimal PDF writer
@@ -234,7 +234,7 @@ def test_a_page_without_text_inside_a_readable_file_is_noted_and_the_rest_kept(t
 
 
 def test_a_page_that_fails_to_parse_is_reported_and_the_others_kept(tmp_path, monkeypatch):
-    import data.pdf_extract as pdf_extract
+    import clara.data.pdf_extract as pdf_extract
 
     real_read_page = pdf_extract._read_page
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.hf_reference import FAMILIES, left_padded_batch, make_pair
+from hf_reference import FAMILIES, left_padded_batch, make_pair
 
 pytest.importorskip("transformers", reason="transformers is the test-only reference (pip install -e .[dev])")
 

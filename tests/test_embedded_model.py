@@ -37,7 +37,7 @@ def test_greedy_chat_answers_paris(smollm2):
 
 def test_matches_transformers_llama_on_the_same_weights(smollm2):
     pytest.importorskip("transformers", reason="transformers is the test-only reference")
-    from bench.decoder import reference_from_ours
+    from hf_reference import reference_from_ours
 
     model, tokenizer = smollm2
     ref = reference_from_ours(model)

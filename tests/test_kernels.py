@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-import kernels.matmul as klinear
-import kernels.lora as klora
-from kernels import Dropout, attention, build_attention_mask, dropout, linear, lora_linear
-from kernels.dropout import dropout_factor, keep_mask, keep_probability
-from kernels.swiglu import swiglu
-from kernels.norm import rms_norm
-from kernels.rope import apply_rotary
-from kernels.attention import flash_attention_available
+import clara.kernels.matmul as klinear
+import clara.kernels.lora as klora
+from clara.kernels import Dropout, attention, build_attention_mask, dropout, linear, lora_linear
+from clara.kernels.dropout import dropout_factor, keep_mask, keep_probability
+from clara.kernels.swiglu import swiglu
+from clara.kernels.norm import rms_norm
+from clara.kernels.rope import apply_rotary
+from clara.kernels.attention import flash_attention_available
 
 
 def naive_attention(q, k, v, key_valid=None, window=None):
@@ -166,7 +166,7 @@ class FakeFlashAttn:
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("lq", [11, 1, 4])
 def test_flash_packing_glue_matches_sdpa(monkeypatch, padded, lq):
-    ka = sys.modules["kernels.attention"]  # the package exports a function of the same name
+    ka = sys.modules["clara.kernels.attention"]  # the package exports a function of the same name
 
     monkeypatch.setattr(ka, "flash_attention_available", lambda t: True)
     monkeypatch.setattr(ka, "_flash_attn_module", lambda: FakeFlashAttn())

@@ -11,7 +11,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from kernels import build_attention_mask
+from clara.kernels import build_attention_mask
 
 from clara.decoder import Decoder
 from clara.lora import (
@@ -31,7 +31,7 @@ from clara.lora import (
     unmerge_adapter,
     use_adapter,
 )
-from tests.test_generation import random_tiny_decoder
+from tiny_models import random_tiny_decoder
 
 ADAPTERS = ["encoder_adapter", "decoder_adapter", "query_reasoner_adapter"]
 FAMILIES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data.metrics import (answer_scores, cover_exact_match, exact_match, extract_pubmedqa_label,
+from clara.data.metrics import (answer_scores, cover_exact_match, exact_match, extract_pubmedqa_label,
                           normalize_answer, pubmedqa_scores, retrieval_scores, token_f1)
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.nutrition_kb import (
+from clara.data.nutrition_kb import (
     CATEGORIES,
     KB_DIR,
     TAG_FIELDS,

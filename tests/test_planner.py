@@ -16,8 +16,8 @@ from clara.lora import (
     use_adapter,
 )
 from clara.weights import WeightsError, embedded_model_path, gguf_config, open_gguf
-from recipes.args import parse_args
-from recipes.planner import (
+from clara.recipes.args import parse_args
+from clara.recipes.planner import (
     PRESETS,
     GiB,
     adapter_parameter_count,
@@ -31,7 +31,7 @@ from recipes.planner import (
     plan_kwargs_from_train_args,
     preset_config,
 )
-from tests.test_generation import random_tiny_decoder
+from tiny_models import random_tiny_decoder
 
 FAMILIES = {
     "llama_gqa": dict(num_key_value_heads=2),
@@ -134,14 +134,6 @@ def stage1_like_step(model: Decoder, batch: int, doc_max_length: int, compress_r
     return loss_fn
 
 
-@pytest.fixture
-def one_thread():
-    # On a shared 2-core machine, two OpenMP threads that wait on each other make this tiny
-    # model's step 30x slower; one thread allocates the same tensors.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("checkpointing, dropout", [(False, 0.0), (False, 0.1), (True, 0.1)])

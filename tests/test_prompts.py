@@ -21,7 +21,7 @@ from clara.prompts import (
     instruction_prompt, prompt_for_example, stage1_paraphrase_prompt, stage1_qa_prompt,
 )
 from clara.tokenizer import load_tokenizer
-from data.formats import Stage1_2Example, Stage1Example, Stage2Example
+from clara.data.formats import Stage1_2Example, Stage1Example, Stage2Example
 
 # Two configs share one tokenizer: distinct tokens (2 per slot) and one shared <MEM> (3 per slot).
 DISTINCT = ClaraConfig(compress_rate=64, doc_max_length=128, generation_top_k=3)

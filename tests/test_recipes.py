@@ -16,18 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.args import parse_args
-from recipes.loop import train
-from tests.tiny_base import write_stage_files, write_tiny_base
+from clara.recipes.args import parse_args
+from clara.recipes.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    base = write_tiny_base(tmp_path_factory.mktemp("base"))
-    data = write_stage_files(tmp_path_factory.mktemp("data"))
-    return base, data
+def setup(tiny_base_dir, stage_files):
+    return tiny_base_dir, stage_files
 
 
 def argv(base, data, stage, out: Path, *extra: str) -> list[str]:
@@ -118,7 +115,7 @@ def test_two_processes_match_one(setup, tmp_path, zero_stage):
     single = train(parse_args(argv(base, data, "stage1_2", tmp_path / "one", *common))).losses
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "recipes.train_sft", *argv(base, data, "stage1_2", tmp_path / "two", *common)]
+           "-m", "clara.recipes.train_sft", *argv(base, data, "stage1_2", tmp_path / "two", *common)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     two = [m["loss"] for m in metrics(tmp_path / "two" / "run") if "loss" in m]
@@ -181,8 +178,8 @@ def test_eval_dataset_and_sample_generations(setup, tmp_path, capsys):
 def test_hub_dataset_name_reads_through_datasets(setup, tmp_path, monkeypatch):
     """A --dataset that names a hub dataset goes through `datasets.load_dataset` (stubbed here:
     no network); its rows are validated like a file's."""
-    from data.formats import ValidationError
-    from recipes.dataset import load_examples
+    from clara.data.formats import ValidationError
+    from clara.recipes.dataset import load_examples
 
     rows = [json.loads(line) for line in data_lines(setup[1]["stage1_2"])]
     calls = []
@@ -205,7 +202,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(setup, tmp_path):
     args = argv(base, data, "stage1_2", tmp_path, "--train_batch_size", "2", "--micro_train_batch_size", "2",
                 "--max_epochs", "100000", "--learning_rate", "1e-3")  # never ends by itself
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "recipes.train_sft", *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "clara.recipes.train_sft", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.args import LR_SCHEDULERS, build_parser, parse_args
-from recipes.plot import BLUE, WHITE, write_loss_curve_png
-from recipes.schedule import LRSchedule, lr_at, lr_factor
-from recipes.train_state import (
+from clara.recipes.args import LR_SCHEDULERS, build_parser, parse_args
+from clara.recipes.plot import BLUE, WHITE, write_loss_curve_png
+from clara.recipes.schedule import LRSchedule, lr_at, lr_factor
+from clara.recipes.train_state import (
     CheckpointError,
     capture_rng,
     checkpoint_temp_dir,
@@ -208,7 +208,7 @@ def test_optimizer_round_trip_gives_bit_identical_next_step(tmp_path):
 
 
 class WrappedOptimizer:
-    """Like recipes.distributed.FullStateOptimizer: state_dict/load_state_dict + class_name + .optimizer."""
+    """Like clara.recipes.distributed.FullStateOptimizer: state_dict/load_state_dict + class_name + .optimizer."""
 
     def __init__(self, optimizer):
         self.optimizer, self.class_name = optimizer, type(optimizer).__name__

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clara.weights import extend_vocabulary
-from tests.test_generation import tiny_model
+from tiny_models import tiny_model
 
 CLARA_TOKENS = ["<MEM_0>", "<MEM_1>", "<ENC>", "<SEP>", "<AE>"]
 

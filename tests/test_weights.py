@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from clara.weights import WeightsError, load_gguf, load_hf_directory, resolve_base, unpermute_gguf_rows
-from tests.hf_reference import make_pair
+from hf_reference import make_pair
 
 pytest.importorskip("transformers", reason="transformers is the test-only reference (pip install -e .[dev])")
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from clara.config import DecoderConfig
 from clara.decoder import Decoder
-from data.formats import Stage1_2Example, Stage1Example, Stage2Example, write_stage_file
+from clara.data.formats import Stage1_2Example, Stage1Example, Stage2Example, write_stage_file
 
 HF_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
             "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
