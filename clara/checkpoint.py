@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clara.files import current_umask
 from clara.config import ClaraConfig, ConfigError
 from clara.lora import adapter_state_dict, load_adapter_state_dict
 
@@ -54,12 +55,6 @@ def weights_probe(decoder) -> str:
     for t in (decoder.norm.weight, decoder.embed_tokens.weight[:2], decoder.layers[0].input_norm.weight):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def _sha256(path: Path) -> str:

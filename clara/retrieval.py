@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clara.checkpoint import current_umask
+from clara.files import atomic_path
 from clara.topk import differentiable_topk
 
 
@@ -150,16 +149,8 @@ class MemoryIndex:
         vectors = self.vectors.contiguous()
         metadata = {"format": "clara-memory-index/1", "ids": json.dumps(self.ids),
                     "n_mem": str(self.n_mem), "hidden": str(self.hidden), "sha256": _digest(vectors)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"vectors": vectors}, tmp, metadata=metadata)
-            # mkstemp and safetensors both write files private (0600); give the mode a plain open() would.
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file({"vectors": vectors}, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MemoryIndex":

@@ -28,6 +28,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from clara.files import read_json
 from clara.gguf_file import read_gguf
 
 CHAT_FORMATS = ("chatml", "llama3", "llama2", "mistral", "phi3", "phi4", "phi2", "none")
@@ -103,16 +104,6 @@ def _gguf_metadata(path_or_file) -> tuple[dict[str, Any], str]:
 # ---------------------------------------------------------------------------------------------
 # Config helpers
 # ---------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}:1: expected a JSON object at the top level")
-    return data
-
-
 def _token_text(value) -> str | None:
     """tokenizer_config writes special tokens either as "<s>" or as {"content": "<s>", ...}."""
     if isinstance(value, dict):
@@ -281,15 +272,15 @@ class Tokenizer:
                                     "not sentencepiece tokenizer.model alone)")
         config: dict = {}
         if (directory / "tokenizer_config.json").is_file():
-            config = _read_json(directory / "tokenizer_config.json")
+            config = read_json(directory / "tokenizer_config.json")
         if (directory / "special_tokens_map.json").is_file():
-            for field, value in _read_json(directory / "special_tokens_map.json").items():
+            for field, value in read_json(directory / "special_tokens_map.json").items():
                 config.setdefault(field, value)
         if (directory / "chat_template.jinja").is_file() and not config.get("chat_template"):
             config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         stop: list[int] = []
         if (directory / "generation_config.json").is_file():
-            eos = _read_json(directory / "generation_config.json").get("eos_token_id")
+            eos = read_json(directory / "generation_config.json").get("eos_token_id")
             stop = [eos] if isinstance(eos, int) else [i for i in (eos or []) if isinstance(i, int)]
         return cls.from_file(tokenizer_json, config=config, chat_format=chat_format, extra_stop_ids=stop)
 

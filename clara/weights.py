@@ -13,7 +13,6 @@ checkpoints (`pytorch_model.bin`) are refused, never unpickled.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from clara.files import read_json
 from clara.config import ConfigError, DecoderConfig
 from clara.decoder import Decoder
 from clara.gguf_file import GGUFFile, GGUFFormatError, read_gguf
@@ -162,19 +162,10 @@ def assign_state_dict(model: Decoder, state: dict[str, torch.Tensor], source: st
 # ------------------------------------------------------------------------------------------------
 # Hugging Face directories and hub ids
 # ------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-
-
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index, WeightsError).get("weight_map")
         if not isinstance(weight_map, dict):
             raise WeightsError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
@@ -209,7 +200,7 @@ def load_hf_directory(directory: str | Path, dtype=torch.float32, device="cpu") 
     directory = Path(directory)
     config_path = directory / "config.json"
     try:
-        cfg = DecoderConfig.from_hf(_read_json(config_path), source=str(config_path))
+        cfg = DecoderConfig.from_hf(read_json(config_path, WeightsError), source=str(config_path))
     except ConfigError as e:
         raise WeightsError(str(e)) from None
     rules = _compile_map(HF_NAME_MAPS[cfg.model_type])

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clara.data.atomic import atomic_write_json, atomic_write_text
+from clara.files import atomic_write_json, atomic_write_text
 from clara.data.bm25 import BM25Index
 from clara.data.formats import Stage2Example, ValidationError, read_stage_file
 from clara.data.metrics import RETRIEVAL_KS, retrieval_scores

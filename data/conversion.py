@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clara.data.atomic import atomic_write_json
+from clara.files import atomic_write_json
 from clara.data.formats import Example, write_stage_file
 
 OUTPUT_STAGES = ("stage1", "stage1_2", "stage2")

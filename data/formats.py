@@ -40,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from clara.data.atomic import atomic_write_jsonl
+from clara.files import atomic_write_jsonl
 
 STAGES = ("stage1", "stage1_2", "stage2", "stage2_pretrain_retrieval")
 DATA_TYPES = ("qa", "paraphrase")

@@ -22,10 +22,10 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
+from clara.files import atomic_write_jsonl
 
 KB_DIR = Path(__file__).resolve().parent / "nutrition_kb"
 DOCUMENTS_FILE = "documents.jsonl"
@@ -580,30 +580,12 @@ def build_stage_rows(documents: Sequence[KBDocument], config: ConversionConfig) 
     return rows
 
 
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file readable by its owner only; give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def convert(documents: Sequence[KBDocument], out_dir: str | os.PathLike, config: ConversionConfig) -> dict[str, int]:
     """Write ``<out_dir>/<stage>_<split>.jsonl`` for every stage; return the row count of each file."""
     out_dir = Path(out_dir)
     counts = {}
     for stem, rows in build_stage_rows(documents, config).items():
-        write_jsonl_atomic(out_dir / f"{stem}.jsonl", rows)
+        atomic_write_jsonl(out_dir / f"{stem}.jsonl", rows)
         counts[stem] = len(rows)
     return counts
 

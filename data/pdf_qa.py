@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clara.data.atomic import atomic_write_jsonl
+from clara.files import atomic_write_jsonl
 from clara.data.pdf_chunk import Chunk
 from clara.data.pdf_generators import GeneratorError, TextGenerator
 from clara.data.pdf_qa_parse import parse_paraphrase, parse_qa_pairs

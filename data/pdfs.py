@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clara.data.atomic import atomic_write_json, atomic_write_jsonl
+from clara.files import atomic_write_json, atomic_write_jsonl
 from clara.data.pdf_chunk import Chunk, ChunkConfig, Tokenizer, WhitespaceTokenizer, chunk_pages
 from clara.data.pdf_clean import PageText, clean_pages
 from clara.data.pdf_extract import PdfSkipped, read_pdf

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clara.data.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from clara.data.formats import Stage1Example, ValidationError, read_stage_file
 from clara.data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
 

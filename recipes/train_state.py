@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from clara.files import read_json
 
 FORMAT = "clara-train-state/1"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -65,21 +66,6 @@ def _save_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor], metad
     tmp = _temp_sibling(path)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at the top level, got {type(obj).__name__}")
-    return obj
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -245,7 +231,7 @@ def load_train_state(directory: str | Path, optimizer: torch.optim.Optimizer, ra
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint folder not found")
     state_path, tensor_path = directory / STATE_FILE, directory / OPTIMIZER_FILE
-    state = _read_json(state_path)
+    state = read_json(state_path, CheckpointError)
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{state_path}: field 'format' is {state.get('format')!r}, expected {FORMAT!r}")
     opt = _need(state, "optimizer", state_path)

@@ -256,7 +256,7 @@ def test_broken_checkpoint_files_name_the_file(tmp_path):
     good_json, good_tensors = state_file.read_text(), tensor_file.read_bytes()
 
     state_file.write_text(good_json[: len(good_json) // 2])
-    with pytest.raises(CheckpointError, match=r"train_state\.json:\d+: not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"train_state\.json:\d+: invalid JSON"):
         load_train_state(tmp_path, opt)
     state_file.write_text(good_json)
 
