@@ -46,14 +46,14 @@ beside this CPU's measured fp32 and bf16 matmul rates (model FLOPs utilisation).
 --profile: torch.profiler table of our step (self CPU time), the same time summed by kind, and the
     wall time the profiler does not see (Python between ops, the numpy dropout masks).
 --ablate: also time our step with an optimisation switched off, alternating with the others on the
-    same model: fused-lora (the LoRA layer composed of separate ops: kernels/dropout.py's dropout, the
-    two thin products, the scale and the add, instead of kernels/lora.py's single autograd node),
-    fast-dropout (that composition with torch's nn.Dropout, i.e. without the numpy-drawn masks either),
-    fused-norm-rope (RMSNorm and RoPE composed of elementwise ops instead of kernels/norm.py and
-    kernels/rope.py), fused-swiglu (silu(gate) * up composed instead of kernels/swiglu.py's node),
-    byte-mask (kernels/lora.py's node with an fp32 dropout factor, keeping it and
-    the dropped input f ⊙ x for the backward, instead of a uint8 mask and x; fp32 only). All of them
-    together are the code before these optimisations (with fused-lora off, the node is not used).
+    same model. fused-lora, fused-norm-rope and fused-swiglu put those ops on the reference path
+    (clara.kernels.use_reference_kernels: the plain composed ops of kernels/reference.py instead of
+    the single autograd nodes of kernels/lora.py, norm.py + rope.py, swiglu.py). fast-dropout is
+    the composed LoRA layer with torch's F.dropout, i.e. without the numpy-drawn masks either.
+    byte-mask is kernels/lora.py's node as it was with an fp32 dropout factor, keeping it and the
+    dropped input f ⊙ x for the backward instead of a uint8 mask and x (fp32 only). Those two
+    replace the LoRA layers' forward on this model's instances. All of them together are the code
+    before these optimisations (with fused-lora or fast-dropout off, byte-mask's node is not used).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ from hf_reference import reference_from_ours  # noqa: E402
 from clara.lora import LoRAAdapter, LoRALinear, lora_layers  # noqa: E402
 from clara.model import DECODER, ENCODER, Clara  # noqa: E402
 from clara.data.formats import Stage1Example  # noqa: E402
-from clara.kernels import cpu_has_native_bf16, linear  # noqa: E402
-from clara.kernels.dropout import dropout_factor  # noqa: E402
+from clara.kernels import cpu_has_native_bf16, linear, use_reference_kernels  # noqa: E402
+from clara.kernels.masks import dropout_factor  # noqa: E402
 from clara.kernels.lora import lora_linear as kernel_lora_linear  # noqa: E402
 from clara.recipes.args import parse_args as parse_train_args  # noqa: E402
 from clara.recipes.loop import build_model, make_optimizer  # noqa: E402
@@ -261,27 +261,26 @@ def reference_forward(ref: Reference, enc_ids, enc_mask, dec_ids, dec_mask, labe
 # ---------------------------------------------------------------------------------------------
 # Ablations: our step with one optimisation switched off (the code before it)
 # ---------------------------------------------------------------------------------------------
-def _composed_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """LoRALinear.forward without kernels/lora.py: W x + b, plus (s B A dropout(x)) op by op."""
+def _torch_dropout_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """LoRALinear.forward composed as kernels/reference.py's lora_linear, but with torch's F.dropout
+    (its bernoulli_ mask) instead of the numpy-drawn one."""
     active = self.selection.active()
     out = linear(x, self.weight, self.bias)
     if active is None:
         return out
     adapter = self.adapter(active)
-    h = adapter.dropout(x.to(adapter.lora_A.dtype))
-    return out + (linear(linear(h, adapter.lora_A), adapter.lora_B) * adapter.scaling).to(x.dtype)
+    h = F.dropout(x.to(adapter.lora_A.dtype), adapter.dropout_p, adapter.training)
+    return out + linear(linear(h, adapter.lora_A) * adapter.scaling, adapter.lora_B).to(x.dtype)
 
 
-def _composed_rms_norm(x, weight, eps):
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _composed_rotary(x, cos, sin):
-    r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+def _factor_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """LoRALinear.forward with _FactorLoRALinear (below) for the adapter."""
+    active = self.selection.active()
+    if active is None:
+        return linear(x, self.weight, self.bias)
+    adapter = self.adapter(active)
+    return _factor_lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                               adapter.dropout_p, adapter.training)
 
 
 class _FactorLoRALinear(torch.autograd.Function):
@@ -323,59 +322,31 @@ def _factor_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0,
     return _FactorLoRALinear.apply(x2, weight, bias, lora_a, lora_b, factor, scaling).view(*x.shape[:-1], -1)
 
 
-def ablation(model: Clara, name: str):
-    """(switch off, switch back on) for optimisation `name` on this model."""
+# Ablations that the reference switch expresses: the ops it puts on the reference path.
+REFERENCE_ABLATIONS = {"fused-lora": {"lora"}, "fused-norm-rope": {"rms_norm", "rotary"}, "fused-swiglu": {"swiglu"}}
+# The others replace the LoRA layers' forward on this model's instances.
+LAYER_FORWARDS = {"fast-dropout": _torch_dropout_forward, "byte-mask": _factor_forward}
+
+
+def ablated_step(model: Clara, names: list[str], step):
+    """`step` run with the optimisations `names` switched off, and everything restored after it."""
+    ops = set().union(*(REFERENCE_ABLATIONS.get(n, set()) for n in names))
+    forwards = [n for n in names if n in LAYER_FORWARDS]
+    if "byte-mask" in forwards and ("fast-dropout" in forwards or "lora" in ops):
+        forwards.remove("byte-mask")  # the composed layer does not use kernels/lora.py's node at all
     layers = list(lora_layers(model.decoder).values())
-    adapters = [a for layer in layers for a in layer.adapters.values() if isinstance(a, LoRAAdapter)]
-    ours = [a.dropout for a in adapters]
 
-    def composed(dropout_cls=None):
-        for layer in layers:
-            layer.forward = types.MethodType(_composed_forward, layer)
-        if dropout_cls is not None:
-            for a, d in zip(adapters, ours):
-                a.dropout = dropout_cls(d.p) if getattr(d, "p", 0) > 0 else d
-
-    def fused():
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-        for a, d in zip(adapters, ours):
-            a.dropout = d
-
-    if name == "fused-lora":
-        return composed, fused
-    if name == "fast-dropout":
-        return (lambda: composed(nn.Dropout)), fused
-    if name == "fused-norm-rope":
-        import clara.decoder as decoder_module
-        fast = decoder_module.rms_norm, decoder_module.apply_rotary
-
-        def off():
-            decoder_module.rms_norm, decoder_module.apply_rotary = _composed_rms_norm, _composed_rotary
-
-        def on():
-            decoder_module.rms_norm, decoder_module.apply_rotary = fast
-        return off, on
-    if name == "fused-swiglu":
-        import clara.decoder as decoder_module
-        fused_swiglu = decoder_module.swiglu
-
-        def off():
-            decoder_module.swiglu = lambda gate, up: F.silu(gate) * up
-
-        def on():
-            decoder_module.swiglu = fused_swiglu
-        return off, on
-    if name == "byte-mask":
-        import clara.lora as clara_lora
-
-        def off():
-            clara_lora.lora_linear = _factor_lora_linear
-
-        def on():
-            clara_lora.lora_linear = kernel_lora_linear
-        return off, on
-    raise ValueError(f"unknown ablation {name!r}")
+    def run():
+        for name in forwards:
+            for layer in layers:
+                layer.forward = types.MethodType(LAYER_FORWARDS[name], layer)
+        try:
+            with use_reference_kernels(ops):
+                step()
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+    return run
 
 
 def alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -568,24 +539,11 @@ def run(dtype_name: str, repeats: int, with_profile: bool, ablate: list[str], pe
         ref_optimizer.step()
         ref_optimizer.zero_grad(set_to_none=True)
 
-    def switched(names):
-        switches = [ablation(model, n) for n in names]
-
-        def step():
-            for off, _ in switches:
-                off()
-            try:
-                ours_step()
-            finally:
-                for _, on in switches:
-                    on()
-        return step
-
     sides = {"ours": ours_step, "reference": ref_step}
     for name in ablate:
-        sides[f"ours without {name}"] = switched([name])
+        sides[f"ours without {name}"] = ablated_step(model, [name], ours_step)
     if len(ablate) > 1:
-        sides["ours without " + " + ".join(ablate)] = switched(ablate)
+        sides["ours without " + " + ".join(ablate)] = ablated_step(model, ablate, ours_step)
     if without_dropout:
         adapters = [a for layer in lora_layers(model.decoder).values() for a in layer.adapters.values()
                     if isinstance(a, LoRAAdapter)]

@@ -10,6 +10,10 @@ D head dim, R rotary dims (D * partial_rotary_factor), E hidden size.
 
 Which family is built is decided by `DecoderConfig` switches only; the module names are the same
 for all of them (Llama's), and `weights.py` maps each family's checkpoint names onto them.
+
+RMSNorm, the rotary embedding and SwiGLU's gate call clara.kernels' fused autograd nodes;
+`clara.kernels.use_reference_kernels()` (or CLARA_REFERENCE_KERNELS=1) makes them call the plain
+composed versions in kernels/reference.py instead, which compute the same values.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from clara.config import DecoderConfig, rope_attention_factor
 from clara.lora import checkpoint_context
 from clara.kernels import AttentionMask, Linear, attention, build_attention_mask, linear
 from clara.kernels.norm import rms_norm
-from clara.kernels.rope import apply_rotary  # rotate-half layout, one autograd node
+from clara.kernels.rope import apply_rotary  # rotate-half layout
 from clara.kernels.swiglu import swiglu
 
 
@@ -41,7 +45,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)  # one autograd node (kernels/norm.py)
+        return rms_norm(x, self.weight, self.eps)  # kernels/norm.py (reference: kernels/reference.py)
 
 
 def make_norm(cfg: DecoderConfig) -> nn.Module:

@@ -1,8 +1,9 @@
 """A small, fast reader of GGUF files (metadata, tensor directory, dequantized tensors).
 
-`gguf.GGUFReader` builds a numpy view per string of the vocabulary and merges, which takes ~5 s on
-SmolLM2's 98k strings; this reader parses the header with `struct` in ~0.1 s and leaves only the
-dequantization (`gguf.quants.dequantize`) to the gguf package.
+`gguf.GGUFReader` builds a numpy view per string of the vocabulary and merges, which is slow for
+vocabularies of tens of thousands of strings; this reader parses the header with `struct` and
+leaves only the dequantization (`gguf.quants.dequantize`) to the gguf package, imported when a
+tensor is read (the header needs only numpy).
 
 Layout (GGUF v2/v3, little endian): magic "GGUF", version u32, tensor count u64, metadata count u64,
 metadata key/value pairs, tensor infos (name, n_dims, dims innermost first, type, offset), padding
@@ -23,7 +24,7 @@ _STRING, _ARRAY = 8, 9
 
 
 class GGUFFormatError(ValueError):
-    pass
+    """Not a GGUF file, or a truncated or unsupported one; the message names the file."""
 
 
 @dataclass

@@ -53,8 +53,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from clara.kernels import Dropout, linear
-from clara.kernels.lora import lora_linear
+from clara.kernels import linear, lora_linear
 
 ALL_LINEAR = "all-linear"
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -108,7 +107,11 @@ def checkpoint_context() -> tuple[contextlib.AbstractContextManager, contextlib.
 # The layer
 # ------------------------------------------------------------------------------------------------
 class LoRAAdapter(nn.Module):
-    """One adapter's factors: lora_A [r, in] (Kaiming-uniform), lora_B [out, r] (zeros)."""
+    """One adapter's factors: lora_A [r, in] (Kaiming-uniform), lora_B [out, r] (zeros).
+
+    Its forward is computed by the layer holding it (LoRALinear.forward, clara.kernels.lora_linear);
+    dropout_p applies to the adapter's input while this module is in training mode.
+    """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                  device=None, dtype=None):
@@ -124,20 +127,6 @@ class LoRAAdapter(nn.Module):
         # Same initialisation as nn.Linear's weight: with B = 0 the adapter starts as the identity
         # change, and A already has a useful scale when B starts to move.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()  # fast CPU mask (kernels/dropout.py)
-
-    def down(self, x: torch.Tensor) -> torch.Tensor:
-        """(alpha/r) · A dropout(x): [..., r], in the adapter's dtype.
-
-        The scaling goes on this small tensor rather than on the [..., out] result: the same
-        product, one elementwise pass over r columns instead of out.
-        """
-        h = self.dropout(x.to(self.lora_A.dtype))
-        return linear(h, self.lora_A) * self.scaling
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """(alpha/r) · B A dropout(x), computed in the adapter's dtype and returned in x's."""
-        return linear(self.down(x), self.lora_B).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) · B A in fp32: [out, in]."""
@@ -221,11 +210,10 @@ class LoRALinear(nn.Module):
         if active is None or active == self.merged_adapter:
             return linear(x, self.weight, self.bias)
         adapter = self.adapter(active)
-        out = lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
-                          adapter.dropout_p, adapter.training)
-        if out is None:  # autocast with native low-precision GEMMs, or mixed dtypes: compose the ops
-            out = linear(x, self.weight, self.bias) + adapter.delta(x)
-        return out
+        # One autograd node (kernels/lora.py), or the composed ops of kernels/reference.py where the
+        # dtypes call for them or the reference switch is on.
+        return lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                           adapter.dropout_p, adapter.training)
 
     def extra_repr(self) -> str:
         merged = f", merged={self.merged_adapter!r}" if self.merged_adapter else ""
@@ -345,7 +333,6 @@ def copy_adapter(model: nn.Module, src: str, dst: str) -> None:
         target.lora_A.copy_(source.lora_A)
         target.lora_B.copy_(source.lora_B)
         target.alpha, target.scaling, target.dropout_p = source.alpha, source.scaling, source.dropout_p
-        target.dropout = (Dropout(source.dropout_p) if source.dropout_p > 0 else nn.Identity()).train(layer.training)
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:

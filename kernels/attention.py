@@ -120,8 +120,8 @@ def attention(
 def _sdpa(q, k, v, mask: AttentionMask, scale):
     gqa = q.shape[1] != k.shape[1]
     if widen_on_this_cpu(q):
-        # The bf16 SDPA backward on CPUs without bf16 instructions is ~6x slower than fp32
-        # (bench/matmul.py); fp32 accumulates the same products, so widen and narrow back.
+        # The bf16 SDPA backward on CPUs without bf16 instructions is several times slower than
+        # fp32 (bench/matmul.py); fp32 accumulates the same products, so widen and narrow back.
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask.dense, is_causal=mask.sdpa_is_causal,

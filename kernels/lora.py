@@ -5,22 +5,19 @@
 
 Shapes: x [N, in] (leading dims flattened), W [out, in], A [r, in], B [out, r], r small.
 
-Why one node instead of the dozen that dropout, two thin linears, a scale and an add make: a
-stage-1 step of SmolLM2-135M runs 420 adapter-carrying linears forward and back, and on 2 CPU
-cores the per-op costs (allocations, autograd bookkeeping, extra elementwise passes over [N, in]
-and [N, out]) added up to a fifth of the step. Here:
-  * the dropout mask is a uint8 0/1 tensor (kernels/dropout.py keep_mask) and both alpha/r and 1/q
+The composed layer (kernels/reference.py lora_linear: dropout, two thin linears, a scale and an
+add) is a dozen autograd nodes and as many [N, in] / [N, out] temporaries per adapter-carrying
+linear, and CLaRa puts an adapter on every linear of every block. Here:
+  * the dropout mask is a uint8 0/1 tensor (kernels/masks.py keep_mask) and both alpha/r and 1/q
     scale the [N, r] product z, not the [N, in] input;
   * the low-rank product is accumulated into the base product's buffer (addmm_), so no [N, out]
     tensor is allocated, scaled or added for it;
-  * the backward picks the GEMM orientations that run fastest for r-wide operands (B's gradient
-    as (z^T g)^T: an [r, N] x [N, out] product, measured 2.4x faster than g^T z on AVX-512), and
-    adds the adapter's share of the input gradient into the base one in place.
+  * the backward computes B's gradient as (z^T g)^T, an [r, N] x [N, out] product (the orientation
+    in which r-wide GEMMs run fastest on CPU), and adds the adapter's share of the input gradient
+    into the base one in place.
 What is saved for backward: the input x itself (q, k and v share one), the mask m (one byte an
-element) and z [N, r]; m ⊙ x is recomputed in backward for A's gradient. The node kept before an
-fp32 factor c·m and the dropped copy per adapter: SmolLM2's stage-1 step (bench/train_step.py's)
-peaked 1439 MiB above its parameters with that, 950 MiB with this; the step's time did not move
-beyond this CPU's run-to-run noise (`python bench/train_step.py --ablate byte-mask`, README).
+element) and z [N, r]; m ⊙ x is recomputed in backward for A's gradient, rather than keeping an
+fp32 factor and a dropped copy of x per adapter.
 
 Gradients: the base weight and bias get theirs only if they require grad (they are frozen in
 CLaRa; a full fine-tune still works).
@@ -31,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clara.kernels.dropout import keep_mask, keep_probability
+from clara.kernels import reference
+from clara.kernels.masks import keep_mask, keep_probability
 from clara.kernels.matmul import WIDEN_MIN_ROWS, widen_on_this_cpu
 
 
@@ -84,18 +82,19 @@ class _LoRALinear(torch.autograd.Function):
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0, training: bool = False
-                ) -> torch.Tensor | None:
-    """W x + b + scaling · B A dropout(x) as one autograd node; None when the dtypes call for the
-    caller's plain composition instead (autocast on a device that multiplies low precision
-    natively, or mixed dtypes outside autocast).
+                ) -> torch.Tensor:
+    """W x + b + scaling · B A dropout(x): [..., in] -> [..., out] in x's dtype.
 
-    x [..., in] -> [..., out] in x's dtype. On CPUs without bf16 GEMMs a low-precision x (or autocast
-    to bf16/fp16) is widened to fp32 here as clara.kernels.matmul.linear does, with fp32 adapters.
+    One autograd node when all four tensors share a dtype outside autocast, or when the CPU lacks
+    bf16 GEMMs and x (or autocast) is bf16/fp16: then everything is widened to fp32 here, as
+    clara.kernels.matmul.linear does. Otherwise (autocast on a device that multiplies low precision
+    natively, or adapters in another dtype than the base), and whenever the reference switch is on
+    for "lora", the composed reference (kernels/reference.py lora_linear) computes it.
     """
     widen = x.numel() >= WIDEN_MIN_ROWS * x.shape[-1] and widen_on_this_cpu(x)
-    if not widen and (torch.is_autocast_enabled(x.device.type)
-                      or not x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
-        return None
+    if reference.enabled("lora") or (not widen and (torch.is_autocast_enabled(x.device.type)
+                                                    or not x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype)):
+        return reference.lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     keep, scale = None, scaling

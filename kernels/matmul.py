@@ -1,8 +1,8 @@
 """Matrix multiplies for low-precision weights on CPUs without native bf16/fp16 dot products.
 
 On CPUs with AVX512-BF16 or AMX, oneDNN multiplies bf16 matrices natively. Without them (AVX2-only
-machines, many AMD EPYCs among them) torch falls back to a generic bf16 GEMM that we measured at
-18.6 GFLOP/s against 102.6 GFLOP/s for fp32 on the same 2 cores (`python bench/matmul.py`).
+machines, many AMD EPYCs among them) torch falls back to a generic bf16 GEMM that runs several
+times slower than fp32 on the same cores (`python bench/matmul.py` compares them on this machine).
 There we widen the operands to fp32 and multiply there. The result is what a bf16 GEMM computes
 anyway: the products of two bf16 numbers are exact in fp32 and the sum is accumulated in fp32; only
 the summation order differs. Weights stay stored in bf16, so memory is still halved.
@@ -45,8 +45,8 @@ def widen_on_this_cpu(t: torch.Tensor) -> bool:
 
 
 # Below this many input rows the multiply is a matrix-vector product, bound by reading the weight:
-# the bf16 kernel reads half the bytes and wins (decoding one token: 140 us native vs 273 us
-# widened for a 576 -> 1536 layer; at 4 rows widening already wins, 432 us vs 562 us).
+# the bf16 kernel reads half the bytes and wins (decoding one token). From a few rows on, the
+# multiply is bound by arithmetic and widening wins.
 WIDEN_MIN_ROWS = 4
 
 

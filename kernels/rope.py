@@ -2,10 +2,10 @@
 
     y = x ⊙ cos + rotate_half(x) ⊙ sin,   rotate_half([x1, x2]) = [−x2, x1]
 
-The composed form (chunk, neg, cat, two multiplies, an add) makes four temporaries of x's size
-and as many backward nodes. Written out, the forward is one multiply and two in-place
-multiply-adds over the halves, and since rotate_half is a rotation its transpose is
-[g1, g2] -> [g2, −g1], so the backward has the same shape and needs only cos and sin:
+The composed form (kernels/reference.py apply_rotary: chunk, neg, cat, two multiplies, an add)
+makes several temporaries of x's size and as many backward nodes. Written out, the forward is one
+multiply and two in-place multiply-adds over the halves, and since rotate_half is a rotation its
+transpose is [g1, g2] -> [g2, −g1], so the backward has the same shape and needs only cos and sin:
 
     dL/dx = g ⊙ cos + [g2 ⊙ sin2, −g1 ⊙ sin1]
 
@@ -15,6 +15,8 @@ Only the first R = cos.shape[-1] dims rotate (partial rotary leaves the rest unt
 from __future__ import annotations
 
 import torch
+
+from clara.kernels import reference
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -44,8 +46,10 @@ class _Rotary(torch.autograd.Function):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, L, D]; cos, sin: [B or 1, 1, L, R] with R <= D even."""
+    if reference.enabled("rotary"):
+        return reference.apply_rotary(x, cos, sin)
     r = cos.shape[-1]
-    # inference: the formula itself, without an autograd node (decoding builds 60 a token)
+    # Inference: the formula itself, without an autograd node (decoding builds two per block a token).
     rotate = _Rotary.apply if torch.is_grad_enabled() and x.requires_grad else _rotate
     if r == x.shape[-1]:
         return rotate(x, cos, sin)

@@ -3,15 +3,18 @@
     y = silu(g) ⊙ u,   silu(g) = g σ(g)
     dL/du = d ⊙ silu(g),   dL/dg = d ⊙ u ⊙ σ(g) (1 + g (1 − σ(g)))
 
-Composed, autograd keeps g (for silu's backward), silu(g) and u (for the product's): three
-[T, F] tensors a block, the largest ones in the model. silu(g) is cheap to recompute from g, so
-this node keeps g and u only and rebuilds silu(g) in backward, from clara.data the backward reads anyway.
+Composed (kernels/reference.py swiglu), autograd keeps g (for silu's backward), silu(g) and u (for
+the product's): three [T, F] tensors a block, the largest activations in the model. silu(g) is
+cheap to recompute from g, so this node keeps g and u only and rebuilds silu(g) in backward, from
+data the backward reads anyway.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from clara.kernels import reference
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -34,6 +37,8 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: [..., F] x [..., F] -> [..., F]."""
+    if reference.enabled("swiglu"):
+        return reference.swiglu(gate, up)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return _SwiGLU.apply(gate, up)
     return F.silu(gate).mul_(up)

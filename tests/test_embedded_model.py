@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from clara.generate import generate_text, main as generate_main
+from clara.generate import generate_text
+from clara.generate_cli import main as generate_main
 from clara.weights import load_base
 
 pytestmark = pytest.mark.skipif(

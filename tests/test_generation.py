@@ -1,10 +1,14 @@
 """KV-cache generation against full recomputation, batched against one-by-one, and checkpointing."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from clara.generate import generate, sample_next
 from tiny_models import FAMILY_CONFIGS, tiny_model
+
 
 def greedy_by_recompute(model, ids, n):
     out = ids
@@ -109,3 +113,14 @@ def test_logits_to_keep_equals_the_last_rows_of_full_logits(family, keep):
         model(ids[:, :7], attention_mask=mask[:, :7], cache=cache)
         cached = model(ids[:, 7:], attention_mask=mask, cache=cache, logits_to_keep=keep).logits
     assert (cached - full.detach()).abs().max() < 1e-5
+
+
+def test_python_m_clara_generate_runs_the_command_line():
+    """`python -m clara.generate` hands over to clara.generate_cli (the clara-generate script)."""
+    done = subprocess.run([sys.executable, "-m", "clara.generate", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: clara-generate") and "--max_new_tokens" in done.stdout
+    assert done.stderr == ""  # no runpy warning about the module being imported twice
+    done = subprocess.run([sys.executable, "-m", "clara.generate", "--prompt", "hi", "--max_new_tokens", "0"],
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (2, "error: --max_new_tokens must be at least 1\n")

@@ -1,6 +1,7 @@
 """The attention entry point against a naive softmax(QK^T)V, the widened low-precision linear, the
-LoRA linear, RMSNorm and rotary embedding written as single autograd nodes (against their composed
-formulas and gradcheck), and the fast CPU dropout."""
+LoRA linear, RMSNorm, rotary embedding and SwiGLU written as single autograd nodes (against their
+formulas written out here, and gradcheck), and the fast CPU dropout. The fused nodes against the
+library's own reference path (kernels/reference.py): tests/test_reference_path.py."""
 
 import math
 import sys
@@ -13,12 +14,21 @@ from hypothesis import given, settings, strategies as st
 
 import clara.kernels.matmul as klinear
 import clara.kernels.lora as klora
+import clara.kernels.reference as kref
 from clara.kernels import Dropout, attention, build_attention_mask, dropout, linear, lora_linear
 from clara.kernels.dropout import dropout_factor, keep_mask, keep_probability
 from clara.kernels.swiglu import swiglu
 from clara.kernels.norm import rms_norm
 from clara.kernels.rope import apply_rotary
 from clara.kernels.attention import flash_attention_available
+from clara.kernels.reference import use_reference_kernels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fused_kernels():
+    """These tests are about the fused nodes: run them on those whatever CLARA_REFERENCE_KERNELS says."""
+    with use_reference_kernels(False):
+        yield
 
 
 def naive_attention(q, k, v, key_valid=None, window=None):
@@ -117,7 +127,7 @@ def test_environment_override(monkeypatch):
     klinear.cpu_has_native_bf16.cache_clear()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn parity needs a CUDA GPU")
+@pytest.mark.cuda
 def test_flash_attention_matches_sdpa_on_gpu():
     q = torch.randn(2, 8, 40, 64, device="cuda", dtype=torch.bfloat16)
     if not flash_attention_available(q):
@@ -274,36 +284,24 @@ def test_lora_linear_widened_sums_in_fp32_and_rounds_once(monkeypatch):
     assert ((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-4).all()  # within one bf16 ulp
 
 
-def test_lora_linear_leaves_native_autocast_and_mixed_dtypes_to_the_caller(monkeypatch):
+def test_lora_linear_composes_native_autocast_and_mixed_dtypes(monkeypatch):
+    # Dtype mixes the node does not take go to the composed reference (kernels/reference.py).
     monkeypatch.setattr(klinear, "cpu_has_native_bf16", lambda: True)  # autocast picks the dtypes itself
-    x, a = torch.randn(6, 8), torch.randn(2, 8)
-    w, up = torch.randn(5, 8), torch.randn(5, 2)
+    g = torch.Generator().manual_seed(6)
+    x, a = torch.randn(6, 8, generator=g), torch.randn(2, 8, generator=g)
+    w, up = torch.randn(5, 8, generator=g), torch.randn(5, 2, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lora_linear(x, w, None, a, up, 1.0) is None
-    assert lora_linear(x.double(), w.double(), None, a, up, 1.0) is None
+        out = lora_linear(x, w, None, a, up, 1.5)
+        expected = kref.lora_linear(x, w, None, a, up, 1.5)
+    assert torch.equal(out, expected)
+    mixed = lora_linear(x.double(), w.double(), None, a.requires_grad_(), up, 1.5)  # fp32 adapters, fp64 base
+    assert mixed.dtype == torch.float64 and type(mixed.grad_fn).__name__ != "_LoRALinearBackward"
+    assert torch.equal(mixed, kref.lora_linear(x.double(), w.double(), None, a, up, 1.5))
 
 
 # ------------------------------------------------------------------------------------------------
 # RMSNorm and rotary embedding as single autograd nodes
 # ------------------------------------------------------------------------------------------------
-def reference_rms_norm(x, w, eps):
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_the_composed_reference(dtype):
-    g = torch.Generator().manual_seed(2)
-    x = (torch.randn(3, 7, 16, generator=g) * 3).to(dtype).requires_grad_()
-    w = (torch.rand(16, generator=g) + 0.5).to(dtype).requires_grad_()
-    out, ref = rms_norm(x, w, 1e-5), reference_rms_norm(x, w, 1e-5)
-    assert out.dtype == ref.dtype and torch.equal(out, ref)
-    grad = torch.randn(out.shape, generator=g).to(dtype)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for mine, want in zip(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(ref, (x, w), grad)):
-        assert mine.dtype == want.dtype and torch.allclose(mine.float(), want.float(), atol=tol, rtol=tol)
-
-
 def test_rms_norm_and_rotary_gradcheck():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)

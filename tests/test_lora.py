@@ -454,7 +454,7 @@ def test_copy_adapter_gives_identical_outputs_and_independent_parameters():
     assert torch.equal(logits(model, ids, "query_reasoner_adapter"), logits(model, ids, "encoder_adapter"))
     copied = model.layers[0].attn.q_proj.adapters["query_reasoner_adapter"]
     assert copied.dropout_p == 0.05 and copied.scaling == ALPHA / R
-    assert not copied.dropout.training  # added to an eval-mode model: no dropout at inference
+    assert not copied.training  # added to an eval-mode model: no dropout at inference
 
     add_adapter(model, "decoder_adapter", r=R, alpha=ALPHA)
     existing = model.layers[1].attn.v_proj.adapters["decoder_adapter"].lora_B

