@@ -237,10 +237,7 @@ def _parse_stage1(row: dict[str, Any], check: _RowChecker) -> Stage1Example | No
 
     questions: tuple[str, ...] | None = ()
     if data_type == "paraphrase":
-        # Paraphrase rows restate the documents; the official loader ignores any question.
-        value = row.get("question", [])
-        if value not in ("", []):
-            questions = check.string_list(value, "question", bare_string_ok=True)
+        pass  # paraphrase rows restate the documents: the official reader ignores any question, so do we
     elif "question" not in row:
         check.add("question", "missing")
         questions = None

@@ -170,13 +170,19 @@ def test_aliases_give_target_and_references(tmp_path):
 def test_stage1_accepts_bare_strings_and_paraphrase_rows_without_questions(tmp_path):
     rows = [{"question": "q", "answer": "a", "docs": ["d"]},  # data_type defaults to qa
             {"data_type": "paraphrase", "answers": ["restated"], "docs": ["d"]},
-            {"data_type": "paraphrase", "question": "", "golden_answers": ["p"], "docs": ["e"]}]
+            {"data_type": "paraphrase", "question": "", "golden_answers": ["p"], "docs": ["e"]},
+            # the official reader ignores a paraphrase row's question, whatever it holds
+            {"data_type": "paraphrase", "question": [""], "answers": ["r"], "docs": ["f"]},
+            {"data_type": "paraphrase", "question": ["restate this"], "answers": ["s"], "docs": ["g"]}]
     path = write_lines(tmp_path, [json.dumps(row) for row in rows])
     assert read_stage_file(path, "stage1") == [
         Stage1Example("qa", ("q",), ("a",), ("d",)),
         Stage1Example("paraphrase", (), ("restated",), ("d",)),
         Stage1Example("paraphrase", (), ("p",), ("e",)),
+        Stage1Example("paraphrase", (), ("r",), ("f",)),
+        Stage1Example("paraphrase", (), ("s",), ("g",)),
     ]
+    assert validate.main([str(path), "--stage", "stage1"]) == 0
 
 
 def test_stage2_pos_index_is_optional_like_the_official_end_to_end_files(tmp_path):
