@@ -41,8 +41,9 @@ ADAPTERS_FILE = "adapters.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+class CheckpointError(ValueError):
+    """A checkpoint (a Clara model folder, or a training run's step checkpoint) that cannot be used;
+    the message names the file and what is wrong. The one error class of every checkpoint reader."""
 
 
 def weights_probe(decoder) -> str:

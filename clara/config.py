@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from clara.stages import STAGE_NAMES
+
 # model_type values of config.json that we know how to build, and what family each one is.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "phi")
 
@@ -227,7 +229,7 @@ def rope_attention_factor(cfg: DecoderConfig) -> float:
 # =================================================================================================
 # CLaRa: compression, memory tokens, adapters, retrieval
 # =================================================================================================
-TRAINING_STAGES = ("stage1", "stage1_2", "stage2", "stage2_pretrain_retrieval")
+TRAINING_STAGES = STAGE_NAMES  # the stage table is clara/stages.py
 MAX_COMPRESS_RATE = 256
 
 # The strings of CLaRa's special tokens. The official release spells memory tokens `<MEM{i}>`;

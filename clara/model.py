@@ -5,22 +5,17 @@
     generate:  decoder_adapter          prompt with n_mem placeholders per document, whose input
                                         embeddings are replaced by the memory vectors
 
-Which adapters a stage trains (everything else is frozen):
-
-| stage                      | trains                                                        |
-|----------------------------|---------------------------------------------------------------|
-| stage1 (compressor pretraining) | encoder_adapter, decoder_adapter, memory-token embeddings |
-| stage1_2 (instruction tuning)   | encoder_adapter, decoder_adapter, memory-token embeddings |
-| stage2 (end to end)             | query_reasoner_adapter, decoder_adapter, memory embeddings; the compressor runs without grad |
-| stage2_pretrain_retrieval       | query_reasoner_adapter, memory embeddings (InfoNCE)        |
+Which adapters a stage holds and trains, and its loss terms, come from the stage table in
+clara/stages.py; everything a stage does not train is frozen.
 
 The memory-token embeddings live in their own parameter, `memory_embeddings`, looked up by
 `embed`: the base embedding matrix stays frozen and only those rows can learn, which is what the
 official release gets from a gradient mask over the whole matrix (where weight decay would still
 touch every row).
 
-Losses are sums over answer tokens divided by the batch's answer-token count; `aux` carries the
-sum and the count so a training loop can normalise over a whole accumulated batch instead.
+The model owns the loss: `forward` returns it as named `LossTerm`s with their weights, and a
+training loop only chooses the normaliser (the answer tokens and micro-batches of its global
+batch) through `combine_loss_terms`.
 """
 
 from __future__ import annotations
@@ -44,25 +39,36 @@ from clara.prompts import (DEFAULT_TEXTS, IGNORE_INDEX, DecoderBatch, EncodedPro
                            special_token_ids, stage1_paraphrase_prompt)
 from clara.retrieval import cosine_scores, flatten_memory, info_nce, select_documents
 from clara.tokenizer import Tokenizer
+from clara.stages import DECODER, ENCODER, QUERY, get_stage
 from clara.weights import extend_vocabulary, load_base
 
-ENCODER = "encoder_adapter"
-DECODER = "decoder_adapter"
-QUERY = "query_reasoner_adapter"
 
-# Adapters a model of each stage holds, and those the stage trains.
-STAGE_ADAPTERS = {
-    "stage1": (ENCODER, DECODER),
-    "stage1_2": (ENCODER, DECODER),
-    "stage2": (ENCODER, DECODER, QUERY),
-    "stage2_pretrain_retrieval": (ENCODER, DECODER, QUERY),
-}
-TRAINED_ADAPTERS = {
-    "stage1": (ENCODER, DECODER),
-    "stage1_2": (ENCODER, DECODER),
-    "stage2": (QUERY, DECODER),
-    "stage2_pretrain_retrieval": (QUERY,),
-}
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of a stage's training loss, as the model defines it.
+
+    `value` is a sum over answer tokens when `per_token` (the whole loss divides it by the answer
+    tokens of the whole global batch, so gradient accumulation matches one big batch) and a mean
+    over the micro-batch otherwise (divided by the number of micro-batches).
+    """
+
+    name: str  # "lm", "mse" or "retrieval": the names of clara.stages' Stage.losses
+    value: torch.Tensor
+    weight: float
+    per_token: bool
+
+
+def combine_loss_terms(terms: Sequence[LossTerm], answer_tokens: int, micro_batches: int) -> torch.Tensor:
+    """The training loss of one micro-batch's terms as its share of a global batch holding
+    `answer_tokens` answer tokens in `micro_batches` micro-batches."""
+    total = None
+    for term in terms:
+        share = term.weight * term.value / max(answer_tokens if term.per_token else micro_batches, 1)
+        total = share if total is None else total + share
+    if total is None:
+        raise ValueError("no loss terms")
+    return total
 
 
 def _move(x: Any, device) -> Any:
@@ -151,7 +157,7 @@ class Clara(nn.Module):
         for p in decoder.parameters():
             p.requires_grad_(False)
         # The query reasoner is left to configure_training, which starts it as a copy of the encoder.
-        names = [a for a in STAGE_ADAPTERS[config.training_stage] if a != QUERY]
+        names = [a for a in get_stage(config.training_stage).adapters if a != QUERY]
         apply_lora(decoder, names, r=config.lora_r, alpha=config.lora_alpha,
                    dropout=config.lora_dropout, target_modules=config.lora_target_modules)
         return cls(decoder, tokenizer, config, base_name, fingerprint, texts)
@@ -192,14 +198,14 @@ class Clara(nn.Module):
         self.config.training_stage = stage
         self.config.__post_init__()  # validates the stage name
         present = self.adapter_names
-        for name in STAGE_ADAPTERS[stage]:
+        for name in get_stage(stage).adapters:
             if name in present:
                 continue
             if name == QUERY and ENCODER in present:
                 copy_adapter(self.decoder, ENCODER, QUERY)
             else:
                 add_adapter(self.decoder, name, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout)
-        mark_only_adapters_trainable(self.decoder, TRAINED_ADAPTERS[stage])
+        mark_only_adapters_trainable(self.decoder, get_stage(stage).trained_adapters)
         self.memory_embeddings.requires_grad_(self.config.train_mem_embeddings)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -272,21 +278,22 @@ class Clara(nn.Module):
         if not examples:
             raise ValueError("collate: empty batch")
         stage = self.config.training_stage
+        facts = get_stage(stage)
         n_docs = {len(e.docs) for e in examples}
         if len(n_docs) != 1:
             raise ValueError(f"examples of one batch need the same number of documents, got {sorted(n_docs)}")
         n_docs = n_docs.pop()
-        if stage == "stage2" and n_docs < self.config.generation_top_k:
+        if facts.retrieves and facts.generates and n_docs < self.config.generation_top_k:
             raise ValueError(f"{stage} selects generation_top_k={self.config.generation_top_k} documents but "
                              f"the examples have only {n_docs} candidates")
         documents = encoder_inputs(self.tokenizer, self.config, [d for e in examples for d in e.docs])
         batch = ClaraBatch(stage=stage, documents=documents, n_docs=n_docs)
-        if stage != "stage2_pretrain_retrieval":
+        if facts.generates:
             prompts = [prompt_for_example(e, self.tokenizer, self.config, self.rng, self.texts) for e in examples]
             batch.decoder = collate_prompts(prompts, self.tokenizer.pad_id, "right", max_len)
-        if stage in ("stage2", "stage2_pretrain_retrieval"):
+        if facts.retrieves:
             batch.query = encoder_inputs(self.tokenizer, self.config, [e.question for e in examples])
-        if stage == "stage2_pretrain_retrieval":
+        if "retrieval" in facts.losses:
             positive = torch.zeros(len(examples), n_docs, dtype=torch.bool)
             for i, e in enumerate(examples):
                 positive[i, list(e.pos_index)] = True
@@ -294,26 +301,39 @@ class Clara(nn.Module):
         return batch
 
     def forward(self, batch: ClaraBatch) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(loss, aux) for the batch's stage. aux: lm_loss_sum, n_tokens, mse_loss, topk_idx, ..."""
+        """(loss of this batch alone, aux) for the batch's stage.
+
+        aux["loss_terms"] holds the loss as its `LossTerm`s: a training loop that accumulates
+        micro-batches combines them with `combine_loss_terms` over the global batch. aux also
+        reports lm_loss_sum, n_tokens, mse_loss, topk_idx, scores where the stage has them.
+        """
         batch = batch.to(self.device)
-        if batch.stage in ("stage1", "stage1_2"):
-            return self._forward_compress_and_generate(batch)
-        if batch.stage == "stage2":
-            return self._forward_end_to_end(batch)
-        if batch.stage == "stage2_pretrain_retrieval":
-            return self._forward_retrieval(batch)
-        raise ValueError(f"unknown stage {batch.stage!r}")
+        facts = get_stage(batch.stage)
+        if not facts.retrieves:
+            terms, aux = self._forward_compress_and_generate(batch)
+        elif facts.generates:
+            terms, aux = self._forward_end_to_end(batch)
+        else:
+            terms, aux = self._forward_retrieval(batch)
+        aux["loss_terms"] = terms
+        return combine_loss_terms(terms, aux["n_tokens"], 1), aux
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss term (see LossTerm), by name."""
+        return {"lm": 1.0, "mse": self.config.mse_loss_weight, "retrieval": 1.0}
+
+    def _lm_term(self, loss_sum: torch.Tensor) -> LossTerm:
+        return LossTerm("lm", loss_sum, self.loss_weights()["lm"], per_token=True)
 
     def _forward_compress_and_generate(self, batch: ClaraBatch):
         compressed = self.compress_batch(batch.documents, with_mse=self.config.mse_loss)
         memory = compressed.memory.view(batch.batch_size, batch.n_docs, *compressed.memory.shape[1:])
         loss_sum, n_tokens = self.lm_loss(batch.decoder, self.prompt_embeddings(batch.decoder, memory))
-        lm = loss_sum / max(n_tokens, 1)
-        loss = lm
+        terms = [self._lm_term(loss_sum)]
         if compressed.mse_loss is not None:
-            loss = loss + self.config.mse_loss_weight * compressed.mse_loss
-        return loss, {"lm_loss": lm.detach(), "lm_loss_sum": loss_sum, "n_tokens": n_tokens,
-                      "mse_loss": compressed.mse_loss}
+            terms.append(LossTerm("mse", compressed.mse_loss, self.loss_weights()["mse"], per_token=False))
+        return terms, {"lm_loss": (loss_sum / max(n_tokens, 1)).detach(), "lm_loss_sum": loss_sum,
+                       "n_tokens": n_tokens, "mse_loss": compressed.mse_loss}
 
     def _retrieve(self, batch: ClaraBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(cosine scores [B, N], candidate memory [B, N, n_mem, E]); the compressor without grad."""
@@ -328,16 +348,17 @@ class Clara(nn.Module):
         selected, idx = select_documents(scores, memory, self.config.generation_top_k,
                                          self.config.retrieval_temperature)
         loss_sum, n_tokens = self.lm_loss(batch.decoder, self.prompt_embeddings(batch.decoder, selected))
-        lm = loss_sum / max(n_tokens, 1)
-        return lm, {"lm_loss": lm.detach(), "lm_loss_sum": loss_sum, "n_tokens": n_tokens, "mse_loss": None,
-                    "topk_idx": idx, "scores": scores.detach()}
+        return [self._lm_term(loss_sum)], {"lm_loss": (loss_sum / max(n_tokens, 1)).detach(), "lm_loss_sum": loss_sum,
+                                           "n_tokens": n_tokens, "mse_loss": None, "topk_idx": idx,
+                                           "scores": scores.detach()}
 
     def _forward_retrieval(self, batch: ClaraBatch):
         scores, _ = self._retrieve(batch)
         loss = info_nce(scores, batch.positive, self.config.retrieval_temperature)
         k = min(self.config.generation_top_k, scores.shape[1])
-        return loss, {"lm_loss": None, "n_tokens": 0, "mse_loss": None, "retrieval_loss": loss.detach(),
-                      "topk_idx": scores.topk(k, dim=-1).indices, "scores": scores.detach()}
+        term = LossTerm("retrieval", loss, self.loss_weights()["retrieval"], per_token=False)
+        return [term], {"lm_loss": None, "n_tokens": 0, "mse_loss": None, "retrieval_loss": loss.detach(),
+                        "topk_idx": scores.topk(k, dim=-1).indices, "scores": scores.detach()}
 
     # -----------------------------------------------------------------------------------------
     # Inference (names and arguments follow the official release)
@@ -478,5 +499,5 @@ def base_fingerprint(config: DecoderConfig, tokenizer_size: int) -> str:
     return f"{config.fingerprint()}-v{tokenizer_size}"
 
 
-__all__ = ["Clara", "ClaraBatch", "GenerationSettings", "ENCODER", "DECODER", "QUERY", "STAGE_ADAPTERS",
-           "TRAINED_ADAPTERS", "trainable_parameters"]
+__all__ = ["Clara", "ClaraBatch", "GenerationSettings", "LossTerm", "combine_loss_terms", "ENCODER", "DECODER",
+           "QUERY", "trainable_parameters"]

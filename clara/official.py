@@ -49,6 +49,8 @@ from clara.config import (
     ClaraConfig,
     ConfigError,
 )
+from clara.checkpoint import CheckpointError
+from clara.stages import get_stage
 from clara.lora import add_adapter, copy_adapter, load_adapter_state_dict
 from clara.weights import HF_NAME_MAPS, WeightsError, _compile_map, rename
 
@@ -70,7 +72,7 @@ _LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<factor>lora_A|lora_B)(?:\.(?P<ada
                        r"\.weight$")
 
 
-class OfficialCheckpointError(RuntimeError):
+class OfficialCheckpointError(CheckpointError):
     """An official checkpoint that cannot be imported; the message names the file and the field or key."""
 
 
@@ -324,7 +326,7 @@ def import_official_checkpoint(path: str | os.PathLike, *, base: str | None = No
     base_model: an already loaded (decoder, tokenizer) pair instead (tests, custom bases); both are
         modified in place.
     """
-    from clara.model import ENCODER, QUERY, STAGE_ADAPTERS, Clara
+    from clara.model import ENCODER, QUERY, Clara
     from clara.weights import load_base
 
     path = Path(path)
@@ -370,7 +372,7 @@ def import_official_checkpoint(path: str | os.PathLike, *, base: str | None = No
     # Everything is checked before the base is touched: from_decoder modifies it in place.
     converted = {name: convert_adapter_state_dict(state, model_type, name, str(adapters_path))[0]
                  for name, state in adapter_states.items()}
-    missing = [a for a in STAGE_ADAPTERS[stage] if a not in converted]
+    missing = [a for a in get_stage(stage).adapters if a not in converted]
     copy_query = missing == [QUERY] and ENCODER in converted
     if missing and not copy_query:
         raise OfficialCheckpointError(f"{adapters_path}: holds {sorted(converted)}, but a {stage} model "
@@ -479,14 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clara.checkpoint import CheckpointError
-
     args = build_parser().parse_args(argv)
     try:
         official = read_official_config(args.src)
         model = import_official_checkpoint(args.src, base=args.base, dtype=DTYPES[args.dtype], device=args.device)
         model.save_pretrained(args.dst)
-    except (OfficialCheckpointError, CheckpointError, ConfigError, WeightsError) as e:
+    except (CheckpointError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = model.config

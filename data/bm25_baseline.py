@@ -23,8 +23,10 @@ from clara.files import atomic_write_json, atomic_write_text
 from clara.data.bm25 import BM25Index
 from clara.data.formats import Stage2Example, ValidationError, read_stage_file
 from clara.data.metrics import RETRIEVAL_KS, retrieval_scores
+from clara.stages import STAGES
 
-BASELINE_STAGES = ("stage2", "stage2_pretrain_retrieval")
+# The stages whose rows hold candidates to rank.
+BASELINE_STAGES = tuple(name for name, stage in STAGES.items() if stage.data_format == "stage2")
 
 
 def bm25_rankings(examples: Sequence[Stage2Example], k1: float = 1.2, b: float = 0.75) -> list[list[int]]:

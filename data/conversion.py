@@ -17,8 +17,9 @@ from typing import Any
 
 from clara.files import atomic_write_json
 from clara.data.formats import Example, write_stage_file
+from clara.stages import DATA_FORMATS
 
-OUTPUT_STAGES = ("stage1", "stage1_2", "stage2")
+OUTPUT_STAGES = DATA_FORMATS  # one file per data format of the stage table
 SPLITS = ("train", "dev")
 
 

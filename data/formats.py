@@ -40,9 +40,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from clara.stages import STAGE_NAMES, get_stage
 from clara.files import atomic_write_jsonl
 
-STAGES = ("stage1", "stage1_2", "stage2", "stage2_pretrain_retrieval")
+STAGES = STAGE_NAMES  # from the stage table, clara/stages.py
 DATA_TYPES = ("qa", "paraphrase")
 DOC_FIELDS = ("docs", "context", "content")
 STAGE1_ANSWER_FIELDS = ("answers", "golden_answers", "gold_answer", "answer")
@@ -137,13 +138,12 @@ class Stage2Example:
 
 
 Example = Union[Stage1Example, Stage1_2Example, Stage2Example]
-EXAMPLE_CLASS = {"stage1": Stage1Example, "stage1_2": Stage1_2Example,
-                 "stage2": Stage2Example, "stage2_pretrain_retrieval": Stage2Example}
+# The example class of each data format (a stage's rows follow its Stage.data_format).
+FORMAT_CLASS = {"stage1": Stage1Example, "stage1_2": Stage1_2Example, "stage2": Stage2Example}
 
 
 def check_stage(stage: str) -> None:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    get_stage(stage)  # a ValueError listing the stages
 
 
 def json_type_name(value: Any) -> str:
@@ -306,15 +306,16 @@ def _parse_question_row(row: dict[str, Any], stage: str, check: _RowChecker) -> 
     docs = check.docs(row)
     answer, references = _parse_answers(row, check)
     pos_index: tuple[int, ...] | None = ()
-    if stage != "stage1_2":
+    data_format = get_stage(stage).data_format
+    if data_format == "stage2":
         if "pos_index" in row:
             pos_index = _parse_pos_index(row["pos_index"], len(docs) if docs else None, check)
-        elif stage == "stage2_pretrain_retrieval":
-            check.add("pos_index", "missing (required for stage2_pretrain_retrieval)")
+        elif "retrieval" in get_stage(stage).losses:
+            check.add("pos_index", f"missing (required for {stage}: its loss needs the positives)")
     row_id = check.row_id(row)
     if check.problems:
         return None
-    if stage == "stage1_2":
+    if data_format == "stage1_2":
         return Stage1_2Example(question, docs, answer, references, row_id)
     return Stage2Example(question, docs, answer, references, pos_index, row_id)
 
@@ -330,7 +331,7 @@ def parse_stage_row(row: Any, stage: str, path: str = "<row>", line: int | None 
     if not isinstance(row, dict):
         check.add(ROW_FIELD, f"expected a JSON object, got {json_type_name(row)}")
         return None, check.problems
-    if stage == "stage1":
+    if get_stage(stage).data_format == "stage1":
         example = _parse_stage1(row, check)
     else:
         example = _parse_question_row(row, stage, check)
@@ -341,7 +342,7 @@ def _count_problem(example: Example, stage: str, top_k: int | None,
                    first: tuple[int, int] | None) -> str | None:
     """Why this row's number of documents is wrong, or None. `first` = (line, count) of row one."""
     n_docs = len(example.docs)
-    if stage in ("stage1", "stage1_2"):
+    if get_stage(stage).data_format != "stage2":
         if top_k is not None and n_docs != top_k:
             return f"{n_docs} documents, expected --top_k {top_k}"
         if top_k is None and first is not None and n_docs != first[1]:
@@ -445,7 +446,7 @@ def write_stage_file(path: str | os.PathLike, examples: Iterable[Example], stage
     """
     check_stage(stage)
     path = os.fspath(path)
-    expected_class = EXAMPLE_CLASS[stage]
+    expected_class = FORMAT_CLASS[get_stage(stage).data_format]
     rows: list[dict[str, Any]] = []
     problems: list[Problem] = []
     for index, example in enumerate(examples):

@@ -83,12 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"{IGNORED}: our checkpoints are always safetensors + JSON")
     ckpt.add_argument("--disable_ds_ckpt", action="store_true", default=False,
                       help=f"{IGNORED}: there is no DeepSpeed checkpoint to disable")
-    ckpt.add_argument("--ckpt_path", type=str, default="./ckpt/checkpoints_sft",
+    ckpt.add_argument("--ckpt_path", type=str, default=None,
                       help="Folder holding the step_N/ checkpoints that --load_checkpoint resumes from "
-                           "(the newest complete one is used)")
+                           "(the newest complete one is used); default <save_path>/checkpoints, so each run "
+                           "keeps its own (the official default, ./ckpt/checkpoints_sft, was shared by every "
+                           "run started from one folder)")
     ckpt.add_argument("--load_checkpoint", action="store_true", default=False,
                       help="Resume from the newest checkpoint in --ckpt_path when there is one: adapters, "
-                           "optimizer, scheduler, loss scaler, RNG states and the data position")
+                           "optimizer, scheduler, loss scaler, RNG states and the data position. A checkpoint "
+                           "of another stage, base model, dataset or shape is refused")
     ckpt.add_argument("--max_ckpt_num", type=int, default=3,
                       help="Keep only the newest N step_N/ checkpoints")
     ckpt.add_argument("--max_ckpt_mem", type=int, default=int(1e8),

@@ -45,12 +45,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clara.stages import EVAL_STAGES
 from clara.weights import DTYPES
 from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from clara.data.formats import Stage1Example, ValidationError, read_stage_file
 from clara.data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
 
-EVAL_STAGES = ("stage1", "stage1_2", "stage2")
 CHECKPOINT_MARKER = "clara.json"  # clara.checkpoint.CONFIG_FILE: what makes a folder a Clara checkpoint
 
 

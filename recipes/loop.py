@@ -4,11 +4,14 @@ One optimizer step = one global batch of `train_batch_size` examples, split over
 then into micro-batches of `micro_train_batch_size` (gradient accumulation). The LM loss of a step
 is the sum of its answer-token cross-entropies divided by the answer tokens of the whole global
 batch (counted before the first backward and summed over processes), so 4 micro-batches of 1 give
-the same gradient as 1 micro-batch of 4. The MSE alignment loss (stage 1, `--mse_loss`) and the
-InfoNCE loss (stage2_pretrain_retrieval) are means over micro-batches.
+the same gradient as 1 micro-batch of 4. The MSE alignment loss (`--mse_loss`) and the InfoNCE
+loss (stage2_pretrain_retrieval) are means over micro-batches. The model defines the terms and
+their weights (`Clara.forward`'s `LossTerm`s); the loop only supplies the global normalisers.
 
 A run directory (`--save_path`) holds metrics.jsonl, loss_curve.png, the final model in `final/`
-and, unless `--ckpt_path` points elsewhere, the resumable checkpoints `step_N/`. A checkpoint is
+and, unless `--ckpt_path` points elsewhere, the resumable checkpoints `checkpoints/step_N/`. Each
+checkpoint records the run's identity (stage, base, dataset fingerprint, shapes), and a run
+resumes only a checkpoint of its own identity. A checkpoint is
 written after an optimizer step (every `--save_steps`, each epoch with -2, and on Ctrl-C), holds
 the trainable weights, optimizer, scheduler, loss scaler, RNG states and the data position, and
 resuming from it (`--load_checkpoint`) continues the loss curve exactly.
@@ -30,12 +33,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from clara.checkpoint import CheckpointError
 from clara.config import ClaraConfig
-from clara.model import Clara
+from clara.files import read_json
+from clara.stages import get_stage
+from clara.model import Clara, combine_loss_terms
 from clara.recipes import dataset as ds
 from clara.recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_sum, barrier, full_parameters, gather_objects,
                                  init_distributed, is_sharded, shutdown, wrap_model)
 from clara.recipes.precision import choose_precision, flash_attention_note, pick_device
+from clara.recipes.run_identity import check_same_run, run_identity
 
 log = logging.getLogger("clara.recipes.train")
 
@@ -145,26 +152,18 @@ def train_step(module, model: Clara, batches, optimizer, scaler, precision, devi
     n_micro_local = len(batches)
     n_micro = all_reduce_sum(n_micro_local, dist, device)
     tokens = int(all_reduce_sum(sum(b.n_target_tokens for b in batches), dist, device))
-    lm_sum = mse_sum = other_sum = 0.0
+    sums = dict.fromkeys(model.loss_weights(), 0.0)
     for i, batch in enumerate(batches):
         last = i == n_micro_local - 1
         sync = contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
         with sync:
             with precision.autocast(device):
-                micro_loss, aux = module(batch)
-            # The scale that makes the sum over processes and micro-batches the global mean; DDP
-            # and FSDP average gradients over processes, hence the factor world_size.
-            w = dist.world_size
-            loss = torch.zeros((), device=device)
-            if aux.get("lm_loss_sum") is not None:
-                loss = loss + aux["lm_loss_sum"] * (w / max(tokens, 1))
-                lm_sum += float(aux["lm_loss_sum"].detach())
-            if aux.get("mse_loss") is not None:
-                loss = loss + model.config.mse_loss_weight * aux["mse_loss"] * (w / n_micro)
-                mse_sum += float(aux["mse_loss"].detach())
-            if aux.get("retrieval_loss") is not None:
-                loss = loss + micro_loss * (w / n_micro)
-                other_sum += float(aux["retrieval_loss"])
+                _, aux = module(batch)
+            # The model's terms as this micro-batch's share of the global batch; DDP and FSDP
+            # average gradients over processes, hence the factor world_size.
+            loss = combine_loss_terms(aux["loss_terms"], tokens, n_micro) * dist.world_size
+            for term in aux["loss_terms"]:
+                sums[term.name] += float(term.value.detach())
             (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -178,14 +177,13 @@ def train_step(module, model: Clara, batches, optimizer, scaler, precision, devi
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    lm_total = all_reduce_sum(lm_sum, dist, device)
-    mse_total = all_reduce_sum(mse_sum, dist, device)
-    other_total = all_reduce_sum(other_sum, dist, device)
-    lm = lm_total / max(tokens, 1) if tokens else None
-    mse = mse_total / n_micro if model.config.mse_loss and batches and batches[0].stage in ("stage1", "stage1_2") \
-        else None
-    loss_value = (lm or 0.0) + (model.config.mse_loss_weight * mse if mse is not None else 0.0) + other_total / n_micro
-    return loss_value, lm, mse, grad_norm, tokens
+    # Each term's global value, normalised as combine_loss_terms does: tokens for "lm", else micro-batches.
+    stage = get_stage(model.config.training_stage)
+    used = [n for n in stage.losses if n != "mse" or model.config.mse_loss]
+    means = {n: all_reduce_sum(sums[n], dist, device) / max(tokens if n == "lm" else n_micro, 1) for n in used}
+    loss_value = sum(model.loss_weights()[n] * v for n, v in means.items())
+    lm = means.get("lm") if tokens else None
+    return loss_value, lm, means.get("mse"), grad_norm, tokens
 
 
 def _input_tokens(batch) -> int:
@@ -200,7 +198,8 @@ def _input_tokens(batch) -> int:
 # The run
 # ---------------------------------------------------------------------------------------------
 def checkpoint_root(args) -> Path:
-    return Path(args.ckpt_path) if args.ckpt_path else Path(args.save_path)
+    """Where the run's step checkpoints live: --ckpt_path, else inside the run's own --save_path."""
+    return Path(args.ckpt_path) if args.ckpt_path else Path(args.save_path) / "checkpoints"
 
 
 def train(args) -> TrainResult:
@@ -224,16 +223,16 @@ def train(args) -> TrainResult:
     log.info("stage %s: %d trainable parameters (%s)", args.stage, n_trainable,
              ", ".join(sorted({n.split(".adapters.")[-1].split(".")[0] if ".adapters." in n else n
                                for n, _ in model.trainable_named_parameters()})))
-    data_stage = "stage2" if args.stage == "stage2_pretrain_retrieval" else args.stage
+    data_stage = get_stage(args.stage).data_format
     examples = ds.load_examples(args.dataset, data_stage, max_samples=args.max_samples,
                                 top_k=args.generation_top_k)
-    if args.stage == "stage1":
+    if data_stage == "stage1":
         examples = ds.select_stage1_rows(examples, args.qa_loss)
     eval_examples = None
     if args.eval_dataset:
         eval_examples = ds.load_examples(args.eval_dataset, data_stage, max_samples=args.max_samples,
                                          top_k=args.generation_top_k)
-        if args.stage == "stage1":
+        if data_stage == "stage1":
             eval_examples = ds.select_stage1_rows(eval_examples, args.qa_loss)
     log.info("%d training examples%s", len(examples),
              f", {len(eval_examples)} evaluation examples" if eval_examples else "")
@@ -248,7 +247,9 @@ def train(args) -> TrainResult:
     latest = find_latest_checkpoint(root) if args.load_checkpoint else None
     if args.load_checkpoint and latest is None:
         log.info("--load_checkpoint: no checkpoint in %s; starting fresh", root)
+    identity = run_identity(args, model.base_fingerprint, examples)
     if latest is not None:
+        check_same_run(read_run_identity(latest), identity, str(latest))
         restore_weights(latest, model)  # before sharding: the files hold whole tensors
     module, how = wrap_model(model, dist, args.zero_stage, device)
     log.info("%s; %d steps (%d per epoch), global batch %d, micro-batch %d", how, total_steps, per_epoch,
@@ -305,12 +306,12 @@ def train(args) -> TrainResult:
             save_now = (args.save_steps > 0 and position.global_step % args.save_steps == 0) or (
                 args.save_steps == -2 and end_of_epoch)
             if save_now and position.global_step < total_steps:
-                save_checkpoint(root, model, optimizer, scaler, position, args, dist)
+                save_checkpoint(root, model, optimizer, scaler, position, args, dist, identity)
     except KeyboardInterrupt:
         result.interrupted = True
         bar.close()
         log.warning("interrupted: saving a checkpoint at step %d before exiting", position.global_step)
-        save_checkpoint(root, model, optimizer, scaler, position, args, dist)
+        save_checkpoint(root, model, optimizer, scaler, position, args, dist, identity)
         shutdown(dist)
         return result
     bar.close()
@@ -335,7 +336,8 @@ def train(args) -> TrainResult:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(root: Path, model: Clara, optimizer, scaler, position: Position, args, dist: DistInfo) -> None:
+def save_checkpoint(root: Path, model: Clara, optimizer, scaler, position: Position, args, dist: DistInfo,
+                    identity: dict[str, Any]) -> None:
     """Every rank takes part (sharded weights and optimizer state are gathered); rank 0 writes."""
     from clara.recipes.train_state import (capture_rng, prune_checkpoints, save_rng, save_train_state,
                                      write_checkpoint_atomically)
@@ -350,7 +352,7 @@ def save_checkpoint(root: Path, model: Clara, optimizer, scaler, position: Posit
                          scaler_state=scaler.state_dict() if scaler is not None else None,
                          rng=rngs[0], data_position=asdict(position),
                          extra={"model_rng": _jsonable_random_state(model.rng.getstate()),
-                                "world_size": dist.world_size,
+                                "world_size": dist.world_size, "run": identity,
                                 "args": {k: v for k, v in vars(args).items() if _is_json(v)}})
         for rank, rng in enumerate(rngs[1:], start=1):
             save_rng(directory, rng, rank)
@@ -386,6 +388,15 @@ def restore_weights(directory: Path, model: Clara) -> None:
         load_adapter_state_dict(model.decoder, name, state)
     with torch.no_grad():
         model.memory_embeddings.copy_(embeddings["memory_embeddings"])
+
+
+def read_run_identity(directory: Path) -> dict[str, Any] | None:
+    """The run identity a step checkpoint recorded (None if it recorded none)."""
+    from clara.recipes.train_state import STATE_FILE
+
+    state = read_json(directory / STATE_FILE, CheckpointError)
+    extra = state.get("extra")
+    return extra.get("run") if isinstance(extra, dict) else None
 
 
 def restore_training_state(directory: Path, model: Clara, optimizer, scaler, dist: DistInfo) -> Position:

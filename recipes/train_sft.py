@@ -26,9 +26,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(plan_from_args(args))
         return 0
+    from clara.checkpoint import CheckpointError
     from clara.recipes.loop import train
 
-    result = train(args)
+    try:
+        result = train(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 130 if result.interrupted else 0
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from clara.checkpoint import CheckpointError
 from clara.files import read_json
 
 FORMAT = "clara-train-state/1"
@@ -39,10 +40,6 @@ STATE_FILE = "train_state.json"
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or inconsistent; the message names the file."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ BROKEN_INPUTS = {
                              ["{f}:1: pos_index: expected a list of integers, got number"]),
     "pos_index missing for retrieval pretraining": (
         [{"question": "q", "docs": ["a"], "answer": "x"}], "stage2_pretrain_retrieval", None,
-        ["{f}:1: pos_index: missing (required for stage2_pretrain_retrieval)"]),
+        ["{f}:1: pos_index: missing (required for stage2_pretrain_retrieval: its loss needs the positives)"]),
     "fewer candidates than top_k": ([GOOD_STAGE2], "stage2", 5,
                                     ["{f}:1: docs: 3 candidates, fewer than --top_k 5"]),
     "id of a wrong type": ([{**GOOD_STAGE2, "id": [1]}], "stage2", None,

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from clara.checkpoint import CheckpointError
+from clara.recipes import train_sft
 from clara.recipes.args import parse_args
 from clara.recipes.loop import train
 
@@ -100,6 +102,47 @@ def test_checkpoints_keep_the_newest_and_skip_half_written(setup, tmp_path):
                           "--max_epochs", "1", "--save_steps", "1", "--max_ckpt_num", "2")))
     steps = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_"))
     assert steps == ["step_4", "step_5"]  # 6 steps; the last step is the final model, not a checkpoint
+
+
+def test_a_run_keeps_its_checkpoints_and_refuses_another_runs(setup, tmp_path):
+    base, data = setup
+    common = ["--train_batch_size", "2", "--micro_train_batch_size", "2", "--max_epochs", "1", "--save_steps", "1",
+              "--max_steps", "2"]
+    run = tmp_path / "shared"
+    first = [a for a in argv(base, data, "stage1_2", tmp_path, *common) if a not in ("--ckpt_path", str(tmp_path / "ckpt"))]
+    first[first.index("--save_path") + 1] = str(run)
+    train(parse_args(first))
+    # inside the run folder
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_1", "step_2"]
+
+    def resume(*changes: str) -> list[str]:
+        flags = [*first, "--load_checkpoint"]
+        for flag, value in zip(changes[::2], changes[1::2]):
+            if flag in flags:
+                flags[flags.index(flag) + 1] = value
+            else:
+                flags += [flag, value]
+        return flags
+
+    with pytest.raises(CheckpointError, match=r"belongs to another run \(--compress_rate 16 there, 8 here\)"):
+        train(parse_args(resume("--compress_rate", "8")))
+    with pytest.raises(CheckpointError, match=r"belongs to another run \(dataset fingerprint"):
+        train(parse_args(resume("--max_samples", "3")))
+    with pytest.raises(CheckpointError, match=r"belongs to another run \(stage 'stage1_2' there, 'stage2' here"):
+        train(parse_args(resume("--stage", "stage2", "--dataset", str(data["stage2"]))))
+    assert len(train(parse_args(resume("--max_steps", "3"))).losses) == 1  # its own run resumes: step 3
+
+
+def test_the_cli_refuses_another_runs_checkpoint_in_one_line(setup, tmp_path, capsys):
+    base, data = setup
+    flags = argv(base, data, "stage1_2", tmp_path, "--train_batch_size", "2", "--micro_train_batch_size", "2",
+                 "--max_epochs", "1", "--save_steps", "1", "--max_steps", "1")
+    assert train_sft.main(flags) == 0
+    capsys.readouterr()
+    flags[flags.index("--lora_rank") + 1] = "8"
+    assert train_sft.main([*flags, "--load_checkpoint"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--lora_rank 4 there, 8 here" in err[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,12 +49,22 @@ def test_seed_command_line_parses_to_the_given_values():
     assert not a.gradient_checkpointing and not a.load_checkpoint and not a.dry_run
 
 
+def test_step_checkpoints_default_into_the_run_folder():
+    # The official default ./ckpt/checkpoints_sft was shared by every run started from one folder.
+    from clara.recipes.loop import checkpoint_root
+
+    a = parse_args(["--pretrain", "m", "--dataset", "d", "--save_path", "runs/one"])
+    assert a.ckpt_path is None and checkpoint_root(a) == Path("runs/one/checkpoints")
+    b = parse_args(["--pretrain", "m", "--dataset", "d", "--ckpt_path", "elsewhere"])
+    assert checkpoint_root(b) == Path("elsewhere")
+
+
 def test_defaults_are_the_official_ones():
-    # Values of ml-clara openrlhf/cli/train_sft.py's parser.
+    # Values of ml-clara openrlhf/cli/train_sft.py's parser (but --ckpt_path, see above).
     a = parse_args(["--pretrain", "m", "--dataset", "d"])
     official = dict(pretrain_checkpoint=None, stage="stage1", generation_top_k=1, doc_max_length=256, compress_rate=32,
                     qa_loss=True, stage2_mips=False, stage2_retrieval_top_n=1, mse_loss=False, do_eval_gen=False,
-                    save_path="./ckpt", save_steps=-1, ckpt_path="./ckpt/checkpoints_sft", load_checkpoint=False,
+                    save_path="./ckpt", save_steps=-1, load_checkpoint=False,
                     max_ckpt_num=3, max_epochs=2, learning_rate=5e-6, lr_warmup_ratio=0.03,
                     lr_scheduler="cosine_with_min_lr", l2=0.0, adam_betas=(0.9, 0.95), max_norm=1.0,
                     micro_train_batch_size=8, train_batch_size=128, local_rank=-1, zero_stage=2, bf16=False,
