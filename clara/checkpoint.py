@@ -149,6 +149,22 @@ def split_by_adapter(adapters: dict[str, torch.Tensor]) -> dict[str, dict[str, t
     return by_adapter
 
 
+def find_clara_checkpoint(name: str | os.PathLike | None) -> Path | None:
+    """The Clara checkpoint folder that `name` means: the folder itself when it holds clara.json, a
+    training run's folder's final model (RUN/final/), or None (not a checkpoint: a base model name).
+
+    The one place that decides "checkpoint or run folder" for training, evaluation and loading.
+    """
+    if not name:
+        return None
+    path = Path(name)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "final" / CONFIG_FILE).is_file():
+        return path / "final"
+    return None
+
+
 def read_checkpoint_meta(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
@@ -195,9 +211,7 @@ def load_clara(path: str | os.PathLike, *, base: str | None = None, training_sta
     from clara.model import DECODER, Clara, base_fingerprint
     from clara.weights import load_base
 
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists() and (path / "final" / CONFIG_FILE).exists():
-        path = path / "final"  # a training run's folder: its final model
+    path = find_clara_checkpoint(path) or Path(path)
     meta = read_checkpoint_meta(path)
     config_path = path / CONFIG_FILE
     try:

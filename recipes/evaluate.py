@@ -45,14 +45,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clara.checkpoint import find_clara_checkpoint
 from clara.stages import EVAL_STAGES
 from clara.weights import DTYPES
 from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from clara.data.formats import Stage1Example, ValidationError, read_stage_file
 from clara.data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
-
-CHECKPOINT_MARKER = "clara.json"  # clara.checkpoint.CONFIG_FILE: what makes a folder a Clara checkpoint
-
 
 @dataclass
 class EvalOptions:
@@ -81,7 +79,8 @@ def load_examples(path: str | Path, stage: str, top_k: int | None = None, max_sa
 
 
 def is_checkpoint(name: str | Path) -> bool:
-    return (Path(name) / CHECKPOINT_MARKER).is_file()
+    """A Clara checkpoint folder, or a training run's folder (its final/ model)."""
+    return find_clara_checkpoint(name) is not None
 
 
 def load_model(name: str, stage: str, generation_top_k: int | None, dtype: torch.dtype = torch.float32,
@@ -287,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "references are decisions, and for stage2 recall@k / precision@k (k = 1, 3, 5) and MRR of "
                     "the query reasoner's ranking against pos_index. See the module docstring for details.")
     parser.add_argument("--model", required=True,
-                        help="a Clara checkpoint folder (with clara.json), or a base model - 'smollm2-135m', a "
+                        help="a Clara checkpoint folder (with clara.json), a training run folder (its final/ is used), or a base model - 'smollm2-135m', a "
                              "Hugging Face folder, a hub id or a .gguf file - which gets a fresh, UNTRAINED Clara "
                              "(random adapters; its scores are a floor)")
     parser.add_argument("--data", required=True, help="the stage JSONL file to evaluate on")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from clara.checkpoint import CheckpointError
+from clara.checkpoint import CheckpointError, find_clara_checkpoint
 from clara.config import ClaraConfig
 from clara.files import read_json
 from clara.stages import get_stage
@@ -83,26 +83,14 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
-def resolve_clara_checkpoint(name: str | None) -> Path | None:
-    """A Clara checkpoint directory, a run directory (then its final/), or None for a base model."""
-    if not name:
-        return None
-    path = Path(name)
-    if (path / "clara.json").is_file():
-        return path
-    if (path / "final" / "clara.json").is_file():
-        return path / "final"
-    return None
-
-
 def build_model(args, precision, device) -> Clara:
     stage = args.stage
-    checkpoint = resolve_clara_checkpoint(args.pretrain_checkpoint) or resolve_clara_checkpoint(args.pretrain)
+    checkpoint = find_clara_checkpoint(args.pretrain_checkpoint) or find_clara_checkpoint(args.pretrain)
     if args.pretrain_checkpoint and checkpoint is None:
         raise FileNotFoundError(f"--pretrain_checkpoint {args.pretrain_checkpoint}: not a Clara checkpoint "
                                 "(no clara.json in it or in its final/)")
     if checkpoint is not None:
-        base = args.pretrain if args.pretrain_checkpoint and not resolve_clara_checkpoint(args.pretrain) else None
+        base = args.pretrain if args.pretrain_checkpoint and not find_clara_checkpoint(args.pretrain) else None
         model = Clara.from_pretrained(checkpoint, base=base, training_stage=stage, dtype=precision.weight_dtype,
                                       device=device)
     else:
@@ -204,7 +192,7 @@ def checkpoint_root(args) -> Path:
 
 def train(args) -> TrainResult:
     from clara.recipes.plot import write_loss_curve_png
-    from clara.recipes.schedule import lr_at
+    from clara.recipes.schedule import OFFICIAL_MIN_LR_RATIO, lr_at
     from clara.recipes.train_state import find_latest_checkpoint
 
     dist = init_distributed()
@@ -274,7 +262,7 @@ def train(args) -> TrainResult:
             indices = ds.global_batch_indices(order, position.step_in_epoch, global_batch)
             mine = ds.rank_slice(indices, dist.rank, dist.world_size)
             lr = lr_at(position.global_step, total_steps, args.learning_rate, warmup_ratio=args.lr_warmup_ratio,
-                       min_lr_ratio=getattr(args, "min_lr_ratio", 0.1), kind=args.lr_scheduler)
+                       min_lr_ratio=OFFICIAL_MIN_LR_RATIO, kind=args.lr_scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()

@@ -9,7 +9,8 @@ With W = ceil(warmup_ratio * total_steps) warmup steps and progress p = (step - 
     constant_with_warmup:  lr = base_lr after warmup
     constant:              lr = base_lr always (no warmup)
 
-`step` counts optimizer steps already taken, so the first update uses lr_at(0). The official CLI
+`step` counts optimizer steps already taken, so the first update uses lr_at(0). The loop computes
+the lr from the step count alone, so a resumed run needs no scheduler state. The official CLI
 passes min_lr = 0.1 * learning_rate, hence min_lr_ratio = 0.1. Past total_steps the cosine stays at
 its end value (transformers' would climb again).
 """
@@ -17,11 +18,13 @@ its end value (transformers' would climb again).
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import torch
 
 from clara.recipes.args import LR_SCHEDULERS
+
+
+# The official CLI passes min_lr = 0.1 * learning_rate to its cosine schedule.
+OFFICIAL_MIN_LR_RATIO = 0.1
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
@@ -54,51 +57,3 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float = 0.03, min_lr_ra
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_ratio: float = 0.03, min_lr_ratio: float = 0.1,
           kind: str = "cosine_with_min_lr") -> float:
     return base_lr * lr_factor(step, total_steps, warmup_ratio, min_lr_ratio, kind)
-
-
-class LRSchedule:
-    """Sets every param group's lr from its own base lr and the step count.
-
-    Construction sets the lr for step 0; call `step()` after each optimizer step. The state is a
-    small JSON-able dict, so a checkpoint stores it without pickle.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03,
-                 min_lr_ratio: float = 0.1, kind: str = "cosine_with_min_lr"):
-        lr_factor(0, total_steps, warmup_ratio, min_lr_ratio, kind)  # validates the arguments
-        self.optimizer = optimizer
-        self.total_steps, self.warmup_ratio, self.min_lr_ratio, self.kind = total_steps, warmup_ratio, min_lr_ratio, kind
-        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
-        self.steps_done = 0
-        self._apply()
-
-    def _apply(self) -> None:
-        factor = lr_factor(self.steps_done, self.total_steps, self.warmup_ratio, self.min_lr_ratio, self.kind)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
-
-    def step(self) -> None:
-        self.steps_done += 1
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "total_steps": self.total_steps, "warmup_ratio": self.warmup_ratio,
-                "min_lr_ratio": self.min_lr_ratio, "base_lrs": list(self.base_lrs), "steps_done": self.steps_done}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"scheduler state has keys {sorted(state)}, expected {sorted(expected)}")
-        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
-            raise ValueError(f"scheduler state has {len(state['base_lrs'])} base lrs but the optimizer has "
-                             f"{len(self.optimizer.param_groups)} param groups")
-        lr_factor(int(state["steps_done"]), int(state["total_steps"]), float(state["warmup_ratio"]),
-                  float(state["min_lr_ratio"]), state["kind"])
-        self.kind, self.total_steps = state["kind"], int(state["total_steps"])
-        self.warmup_ratio, self.min_lr_ratio = float(state["warmup_ratio"]), float(state["min_lr_ratio"])
-        self.base_lrs = [float(x) for x in state["base_lrs"]]
-        self.steps_done = int(state["steps_done"])
-        self._apply()

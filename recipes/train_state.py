@@ -190,7 +190,7 @@ def save_train_state(directory: str | Path, *, optimizer: torch.optim.Optimizer,
     the wrapped class in `class_name` (a view that gathers sharded states, a snapshot).
 
     scheduler_state, scaler_state, data_position and extra must be JSON-able (GradScaler.state_dict()
-    and LRSchedule.state_dict() are).
+    is).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
