@@ -334,20 +334,8 @@ class ClaraConfig:
                 continue
             value = getattr(self, f.name)
             kind = _CLARA_FIELD_KINDS[f.name]
-            ok = {
-                "int": isinstance(value, int) and not isinstance(value, bool),
-                "bool": isinstance(value, bool),
-                "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                "number?": value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                             and math.isfinite(value)),
-                "str": isinstance(value, str),
-                "modules": isinstance(value, (str, tuple)),
-            }[kind]
-            if not ok:
-                expected = {"int": "an integer", "bool": "true or false", "number": "a finite number",
-                            "number?": "a finite number or null", "str": "a string",
-                            "modules": "'all-linear' or a list of module names"}[kind]
-                raise ConfigError(f"{f.name} must be {expected}, got {value!r}")
+            if not has_kind(value, kind):
+                raise ConfigError(f"{f.name} must be {KIND_TEXT[kind]}, got {value!r}")
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -387,6 +375,36 @@ class ClaraConfig:
             noun = "field" if len(unknown) == 1 else "fields"
             raise ConfigError(f"unknown ClaraConfig {noun}: {', '.join(unknown)}")
         return cls(**d)
+
+
+# The JSON value kinds a config field may be declared as: how each is checked, and how a message
+# names it. ClaraConfig and the official-checkpoint reader (clara.official) both check with these.
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_module_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
+_KIND_CHECKS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "number": _is_number,
+    "number?": lambda v: v is None or _is_number(v),
+    "str": lambda v: isinstance(v, str),
+    "modules": lambda v: isinstance(v, (str, list, tuple)),  # ClaraConfig names the exact problem after
+    "module_list": lambda v: v == "all-linear" or _is_module_list(v),
+}
+KIND_TEXT = {"int": "an integer", "bool": "true or false", "number": "a finite number",
+             "number?": "a finite number or null", "str": "a string",
+             "modules": "'all-linear' or a list of module names",
+             "module_list": "'all-linear' or a non-empty list of module names"}
+
+
+def has_kind(value: Any, kind: str) -> bool:
+    """Whether a (JSON-decoded) value is of `kind`, one of KIND_TEXT's keys; bools are not numbers."""
+    return _KIND_CHECKS[kind](value)
 
 
 # How each ClaraConfig field is type-checked (see ClaraConfig._check_types).

@@ -46,8 +46,10 @@ from clara.config import (
     MEM_TOKEN,
     SEP_TOKEN,
     TRAINING_STAGES,
+    KIND_TEXT,
     ClaraConfig,
     ConfigError,
+    has_kind,
 )
 from clara.checkpoint import CheckpointError
 from clara.stages import get_stage
@@ -96,7 +98,7 @@ _CONFIG_FIELDS: dict[str, tuple[str | None, str, Any]] = {
     "sep": (None, "bool", False),
     "kbtc_training": (None, "bool", False),
     "quantization": (None, "str", "no"),
-    "lora_target_modules": (None, "modules", "all-linear"),  # not official; written by some forks
+    "lora_target_modules": (None, "module_list", "all-linear"),  # not official; written by some forks
 }
 
 
@@ -116,22 +118,6 @@ class OfficialConfig:
     kbtc_training: bool
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def _check_kind(value: Any, kind: str) -> bool:
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "str":
-        return isinstance(value, str)
-    # "modules": "all-linear" or a non-empty list of names
-    return value == "all-linear" or (isinstance(value, list) and bool(value)
-                                     and all(isinstance(v, str) and v for v in value))
-
-
-_KIND_TEXT = {"int": "an integer", "bool": "true or false", "str": "a string",
-              "modules": "'all-linear' or a non-empty list of module names"}
 
 
 def read_official_config(path: str | os.PathLike) -> OfficialConfig:
@@ -161,8 +147,8 @@ def read_official_config(path: str | os.PathLike) -> OfficialConfig:
         if name == "decoder_model_name" and value is None:
             values[name] = None
             continue
-        if not _check_kind(value, kind):
-            raise OfficialCheckpointError(f"{config_path}: field {name!r} must be {_KIND_TEXT[kind]}, got {value!r}")
+        if not has_kind(value, kind):
+            raise OfficialCheckpointError(f"{config_path}: field {name!r} must be {KIND_TEXT[kind]}, got {value!r}")
         values[name] = value
 
     if not values["lora"]:
