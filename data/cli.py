@@ -4,7 +4,7 @@
     clara-data pubmedqa --input ... --out_dir ...    python -m clara.data.pubmedqa
     clara-data medquad --input ... --out_dir ...     python -m clara.data.medquad
     clara-data pdfs DIR --out OUT                    python -m clara.data.pdfs
-    clara-data kb --out OUT                          python -m clara.data.nutrition_kb
+    clara-data kb --out OUT                          python -m clara.data.kb_stages
     clara-data bm25 FILE --stage stage2 --out P      python -m clara.data.bm25_baseline
 
 Each subcommand is its module's own command line; `clara-data SUBCOMMAND --help` explains its flags.
@@ -22,7 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pubmedqa": ("clara.data.pubmedqa", "PubMedQA -> stage1, stage1_2 and stage2 files with train/dev splits"),
     "medquad": ("clara.data.medquad", "MedQuAD -> stage1, stage1_2 and stage2 files with train/dev splits"),
     "pdfs": ("clara.data.pdfs", "PDFs -> clean text -> chunks (with file and page) -> stage1 rows"),
-    "kb": ("clara.data.nutrition_kb", "NutriBot's built-in knowledge base -> stage files; --coverage"),
+    "kb": ("clara.data.kb_stages", "NutriBot's built-in knowledge base -> stage files; --coverage"),
     "bm25": ("clara.data.bm25_baseline", "BM25 retrieval baseline on stage2 files: recall@k, MRR"),
 }
 

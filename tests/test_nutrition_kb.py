@@ -11,27 +11,35 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clara.data.nutrition_kb import (
-    CATEGORIES,
-    KB_DIR,
-    TAG_FIELDS,
+from clara.data.kb_stages import (
     ConversionConfig,
-    DocumentTags,
-    KBDocument,
-    KnowledgeBaseError,
-    QAPair,
-    build_stage_rows,
+    build_stage_examples,
     content_words,
     convert,
-    coverage_report,
-    load_knowledge_base,
-    load_vocabulary,
     main,
     rank_negatives,
     split_questions,
 )
+from clara.data.knowledge_base import (
+    CATEGORIES,
+    KB_DIR,
+    TAG_FIELDS,
+    DocumentTags,
+    KBDocument,
+    KnowledgeBaseError,
+    QAPair,
+    coverage_report,
+    load_knowledge_base,
+    load_vocabulary,
+)
 
 STAGE_FILES = [f"{stage}_{split}.jsonl" for stage in ("stage1", "stage1_2", "stage2") for split in ("train", "dev")]
+
+
+def build_stage_rows(documents, config) -> dict[str, list[dict]]:
+    """The JSON rows of each stage file, by file stem (stage1_train, ...)."""
+    outputs = build_stage_examples(documents, config)
+    return {f"{stage}_{split}": [e.to_json_dict() for e in examples] for (stage, split), examples in outputs.examples.items()}
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +343,7 @@ def converted(tmp_path_factory, documents):
 
 def test_converter_writes_the_six_stage_files_atomically(converted, documents):
     out, counts, rows = converted
-    assert sorted(p.name for p in out.iterdir()) == sorted(STAGE_FILES)  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == sorted([*STAGE_FILES, "summary.json"])  # no temporary files left
     total = sum(len(doc.questions) for doc in documents)
     assert counts["stage2_dev"] == round(0.2 * total)
     assert counts["stage2_train"] + counts["stage2_dev"] == total
@@ -365,7 +373,7 @@ def test_stage2_pos_index_points_at_the_questions_own_document(converted, docume
     positions = Counter()
     for name in ("stage2_train.jsonl", "stage2_dev.jsonl"):
         for row in rows[name]:
-            assert set(row) == {"question", "docs", "answer", "pos_index"}
+            assert set(row) == {"question", "docs", "answer", "golden_answers", "pos_index"}
             assert len(row["docs"]) == 20 and len(set(row["docs"])) == 20
             [index] = row["pos_index"]
             assert row["docs"][index] == owner[(row["question"], row["answer"])]
@@ -379,7 +387,7 @@ def test_stage1_2_rows_hold_own_document_among_top_k(converted, documents):
     owner = {(qa.question, qa.answer): doc.text for doc in documents for qa in doc.questions}
     for name in ("stage1_2_train.jsonl", "stage1_2_dev.jsonl"):
         for row in rows[name]:
-            assert set(row) == {"question", "docs", "answer"}
+            assert set(row) == {"question", "docs", "answer", "golden_answers"}
             assert len(row["docs"]) == 5 and len(set(row["docs"])) == 5
             assert owner[(row["question"], row["answer"])] in row["docs"]
 

@@ -1,4 +1,4 @@
-"""NutriBot's own nutrition knowledge base: loading, validation, coverage, stage files.
+"""NutriBot's own nutrition knowledge base: loading, validation and interaction coverage.
 
 The knowledge base lives in the folder ``data/nutrition_kb/`` next to this file:
 
@@ -7,25 +7,17 @@ The knowledge base lives in the folder ``data/nutrition_kb/`` next to this file:
 
 ``load_knowledge_base()`` reads and validates it and returns ``KBDocument`` dataclasses;
 ``coverage_report()`` lists, for each diet-drug / diet-disease interaction NutriBot must know
-about, the documents whose tags cover it; ``python -m clara.data.nutrition_kb --out DIR`` writes the
-CLaRa stage files (stage1, stage1_2, stage2) with a deterministic train/dev split.
-
-(This module and the folder share a name on purpose: the folder has no ``__init__.py``, so
-``import clara.data.nutrition_kb`` always finds this file.)
+about, the documents whose tags cover it. `clara.data.kb_stages` turns it into CLaRa stage files.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-from clara.files import atomic_write_jsonl
 
 KB_DIR = Path(__file__).resolve().parent / "nutrition_kb"
 DOCUMENTS_FILE = "documents.jsonl"
@@ -456,185 +448,3 @@ def format_coverage_report(entries: Sequence[CoverageEntry]) -> str:
     missing = sum(not entry.covered for entry in entries)
     lines.append(f"{len(entries) - missing}/{len(entries)} required interactions covered")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- stage files
-
-# Words too common to say anything about which document a question is about.
-STOPWORDS = frozenset(
-    """a about above after again all also am an and any are as at be because been before being
-    below between both but by can could did do does doing down during each few for from further
-    had has have having he her here hers him his how i if in into is it its itself just may me
-    might more most much must my no nor not now of off on once only or other our out over own
-    per same she should so some such than that the their them then there these they this those
-    through to too under until up very was we were what when where which while who whom why will
-    with would yes you your usually often name two three one people someone something""".split()
-)
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def content_words(text: str) -> frozenset[str]:
-    """Lowercased words of 3+ characters that are not stopwords."""
-    return frozenset(w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in STOPWORDS)
-
-
-@dataclass(frozen=True)
-class ConversionConfig:
-    dev_fraction: float = 0.2  # share of all questions held out for dev (split by question)
-    seed: int = 0  # changes the split and the position of the positive document
-    n_candidates: int = 20  # stage2: documents per question, the positive plus hard negatives
-    top_k: int = 5  # stage1_2: documents per question, the positive plus the next-best matches
-
-    def __post_init__(self):
-        if not 0.0 <= self.dev_fraction <= 1.0:
-            raise ValueError(f"dev_fraction must be between 0 and 1, got {self.dev_fraction}")
-        if self.n_candidates < 1:
-            raise ValueError(f"n_candidates must be at least 1, got {self.n_candidates}")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-
-
-def _stable_hash(*parts: object) -> int:
-    """A hash that, unlike hash(), is the same in every Python process."""
-    return int(hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).hexdigest(), 16)
-
-
-def split_questions(documents: Sequence[KBDocument], config: ConversionConfig) -> set[tuple[str, int]]:
-    """The (document id, question index) pairs that go to dev.
-
-    Every question gets a seeded hash; the round(dev_fraction * n) lowest hashes form dev. The
-    split is by question, not by document: every document stays a retrieval candidate in both
-    splits, and dev asks new questions about documents whose other questions may be in train.
-    """
-    keys = [(doc.id, index) for doc in documents for index in range(len(doc.questions))]
-    keys.sort(key=lambda key: (_stable_hash(config.seed, "split", *key), key))
-    return set(keys[: round(config.dev_fraction * len(keys))])
-
-
-def rank_negatives(
-    question: QAPair, positive: KBDocument, documents: Sequence[KBDocument], word_sets: dict[str, frozenset[str]]
-) -> list[KBDocument]:
-    """Other documents, best word overlap with the question first (ties by id).
-
-    A document containing every content word of the answer might answer the question too, so
-    such documents go to the end of the ranking and are used only when nothing else is left.
-    """
-    question_words = content_words(question.question)
-    answer_words = content_words(question.answer)
-
-    def sort_key(doc: KBDocument):
-        words = word_sets[doc.id]
-        may_answer = bool(answer_words) and answer_words <= words
-        return (may_answer, -len(question_words & words), doc.id)
-
-    return sorted((doc for doc in documents if doc.id != positive.id), key=sort_key)
-
-
-def _candidate_list(
-    positive: KBDocument, negatives: Sequence[KBDocument], size: int, seed: int, key: tuple[str, int]
-) -> tuple[list[KBDocument], int]:
-    """``size`` documents with the positive at a seeded position; returns (documents, its index)."""
-    chosen = list(negatives[: size - 1])
-    position = _stable_hash(seed, "position", size, *key) % size
-    chosen.insert(position, positive)
-    return chosen, position
-
-
-def build_stage_rows(documents: Sequence[KBDocument], config: ConversionConfig) -> dict[str, list[dict]]:
-    """Rows of every stage file, keyed by file stem (stage1_train, stage1_dev, ...)."""
-    for name, size in (("n_candidates", config.n_candidates), ("top_k", config.top_k)):
-        if size > len(documents):
-            raise ValueError(f"{name}={size} is more than the {len(documents)} documents in the knowledge base")
-    dev_keys = split_questions(documents, config)
-    word_sets = {doc.id: content_words(doc.title + " " + doc.text) for doc in documents}
-    rows: dict[str, list[dict]] = {f"{stage}_{split}": [] for stage in ("stage1", "stage1_2", "stage2") for split in ("train", "dev")}
-    for doc in documents:
-        for split in ("train", "dev"):
-            pairs = [qa for i, qa in enumerate(doc.questions) if ((doc.id, i) in dev_keys) == (split == "dev")]
-            if pairs:
-                rows[f"stage1_{split}"].append(
-                    {
-                        "data_type": "qa",
-                        "question": [qa.question for qa in pairs],
-                        "answers": [qa.answer for qa in pairs],
-                        "docs": [doc.text],
-                    }
-                )
-        for index, qa in enumerate(doc.questions):
-            key = (doc.id, index)
-            split = "dev" if key in dev_keys else "train"
-            negatives = rank_negatives(qa, doc, documents, word_sets)
-            top, _ = _candidate_list(doc, negatives, config.top_k, config.seed, key)
-            rows[f"stage1_2_{split}"].append(
-                {"question": qa.question, "docs": [d.text for d in top], "answer": qa.answer}
-            )
-            candidates, position = _candidate_list(doc, negatives, config.n_candidates, config.seed, key)
-            rows[f"stage2_{split}"].append(
-                {
-                    "question": qa.question,
-                    "docs": [d.text for d in candidates],
-                    "answer": qa.answer,
-                    "pos_index": [position],
-                }
-            )
-    return rows
-
-
-def convert(documents: Sequence[KBDocument], out_dir: str | os.PathLike, config: ConversionConfig) -> dict[str, int]:
-    """Write ``<out_dir>/<stage>_<split>.jsonl`` for every stage; return the row count of each file."""
-    out_dir = Path(out_dir)
-    counts = {}
-    for stem, rows in build_stage_rows(documents, config).items():
-        atomic_write_jsonl(out_dir / f"{stem}.jsonl", rows)
-        counts[stem] = len(rows)
-    return counts
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    defaults = ConversionConfig()
-    parser = argparse.ArgumentParser(
-        prog="clara-data kb",
-        description="Validate NutriBot's nutrition knowledge base and write CLaRa stage files "
-        "(stage1, stage1_2, stage2; train and dev) from it, or print its interaction coverage.",
-    )
-    parser.add_argument("--kb", default=None, help="knowledge base folder or documents .jsonl file (default: the packaged data/nutrition_kb)")
-    parser.add_argument("--out", default=None, help="folder to write stage1/stage1_2/stage2 _train/_dev .jsonl files into (required unless --coverage)")
-    parser.add_argument("--dev_fraction", type=float, default=defaults.dev_fraction, help="share of all questions held out for dev; the split is by question and every document stays a candidate (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and of the positive document's position (default: %(default)s)")
-    parser.add_argument("--n_candidates", type=int, default=defaults.n_candidates, help="stage2: documents per question, the positive plus word-overlap hard negatives (default: %(default)s)")
-    parser.add_argument("--top_k", type=int, default=defaults.top_k, help="stage1_2: documents per question, its own plus the best-overlapping others; match --generation_top_k (default: %(default)s)")
-    parser.add_argument("--coverage", action="store_true", help="print which documents cover each required diet-drug/diet-disease interaction, then exit")
-    args = parser.parse_args(argv)
-    if args.out is None and not args.coverage:
-        parser.error("--out is required unless --coverage is given")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        documents = load_knowledge_base(args.kb)
-    except KnowledgeBaseError as err:
-        print(f"error: invalid knowledge base:\n{err}", file=sys.stderr)
-        return 2
-    if args.coverage:
-        entries = coverage_report(documents)
-        print(format_coverage_report(entries))
-        return 0 if all(entry.covered for entry in entries) else 1
-    try:
-        config = ConversionConfig(dev_fraction=args.dev_fraction, seed=args.seed, n_candidates=args.n_candidates, top_k=args.top_k)
-        counts = convert(documents, args.out, config)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{len(documents)} documents, {sum(len(d.questions) for d in documents)} questions -> {args.out}")
-    for stem, count in counts.items():
-        print(f"  {stem}.jsonl: {count} rows")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
