@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from clara.recipes.train_config import TrainConfig
 from clara.config import MAX_COMPRESS_RATE, TRAINING_STAGES
 
 # Learning-rate schedules recipes/schedule.py implements (names as transformers' get_scheduler).
@@ -267,7 +268,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse and check; a problem prints every message found and exits with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -275,4 +276,4 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     problems = check_args(args)
     if problems:
         parser.error("; ".join(problems))
-    return args
+    return TrainConfig.from_namespace(args)

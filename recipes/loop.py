@@ -43,6 +43,7 @@ from clara.recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_
                                  init_distributed, is_sharded, shutdown, wrap_model)
 from clara.recipes.precision import choose_precision, flash_attention_note, pick_device
 from clara.recipes.run_identity import check_same_run, run_identity
+from clara.recipes.train_config import TrainConfig
 
 log = logging.getLogger("clara.recipes.train")
 
@@ -83,7 +84,13 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
-def build_model(args, precision, device) -> Clara:
+def run_switches(args: TrainConfig) -> dict[str, Any]:
+    """ClaraConfig fields that belong to a run, not to a model: a loaded checkpoint takes them
+    from this run's flags; every other field comes from the checkpoint."""
+    return {"generation_top_k": args.generation_top_k, "mse_loss": args.mse_loss, "qa_loss": args.qa_loss}
+
+
+def build_model(args: TrainConfig, precision, device) -> Clara:
     stage = args.stage
     checkpoint = find_clara_checkpoint(args.pretrain_checkpoint) or find_clara_checkpoint(args.pretrain)
     if args.pretrain_checkpoint and checkpoint is None:
@@ -93,18 +100,15 @@ def build_model(args, precision, device) -> Clara:
         base = args.pretrain if args.pretrain_checkpoint and not find_clara_checkpoint(args.pretrain) else None
         model = Clara.from_pretrained(checkpoint, base=base, training_stage=stage, dtype=precision.weight_dtype,
                                       device=device)
+        for name, value in run_switches(args).items():
+            setattr(model.config, name, value)
     else:
         config = ClaraConfig(compress_rate=args.compress_rate, doc_max_length=args.doc_max_length,
                              training_stage=stage, lora_r=args.lora_rank, lora_alpha=args.lora_alpha,
-                             lora_dropout=args.lora_dropout, generation_top_k=args.generation_top_k,
-                             mse_loss=args.mse_loss, qa_loss=args.qa_loss,
+                             lora_dropout=args.lora_dropout,
                              lora_target_modules="all-linear" if args.target_modules == ["all-linear"]
-                             else tuple(args.target_modules))
+                             else tuple(args.target_modules), **run_switches(args))
         model = Clara.from_base(args.pretrain, config, dtype=precision.weight_dtype, device=device)
-    # Per-run switches override what a checkpoint recorded.
-    model.config.generation_top_k = args.generation_top_k
-    model.config.mse_loss = args.mse_loss
-    model.config.qa_loss = args.qa_loss
     model.rng.seed(args.seed)
     with torch.no_grad():
         for _, p in model.trainable_named_parameters():
@@ -113,7 +117,7 @@ def build_model(args, precision, device) -> Clara:
     return model
 
 
-def make_optimizer(model: Clara, args) -> torch.optim.AdamW:
+def make_optimizer(model: Clara, args: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.trainable_named_parameters():
         # Weight decay pulls LoRA factors toward the base; it should not shrink token embeddings.
@@ -185,12 +189,12 @@ def _input_tokens(batch) -> int:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def checkpoint_root(args) -> Path:
+def checkpoint_root(args: TrainConfig) -> Path:
     """Where the run's step checkpoints live: --ckpt_path, else inside the run's own --save_path."""
     return Path(args.ckpt_path) if args.ckpt_path else Path(args.save_path) / "checkpoints"
 
 
-def train(args) -> TrainResult:
+def train(args: TrainConfig) -> TrainResult:
     from clara.recipes.plot import write_loss_curve_png
     from clara.recipes.schedule import OFFICIAL_MIN_LR_RATIO, lr_at
     from clara.recipes.train_state import find_latest_checkpoint
@@ -341,7 +345,7 @@ def save_checkpoint(root: Path, model: Clara, optimizer, scaler, position: Posit
                          rng=rngs[0], data_position=asdict(position),
                          extra={"model_rng": _jsonable_random_state(model.rng.getstate()),
                                 "world_size": dist.world_size, "run": identity,
-                                "args": {k: v for k, v in vars(args).items() if _is_json(v)}})
+                                "args": args.to_dict()})
         for rank, rng in enumerate(rngs[1:], start=1):
             save_rng(directory, rng, rank)
 
@@ -405,14 +409,6 @@ def _jsonable_random_state(s):
 
 def _random_state_from_json(s):
     return (s[0], tuple(s[1]), s[2])
-
-
-def _is_json(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Model-independent parts of the training recipes: flags, lr schedule, checkpoint state, loss PNG."""
 
+import dataclasses
 import json
 import math
 import random
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from clara.recipes.args import LR_SCHEDULERS, build_parser, parse_args
+from clara.recipes.args import IGNORED, LR_SCHEDULERS, build_parser, parse_args
 from clara.recipes.plot import BLUE, WHITE, write_loss_curve_png
 from clara.recipes.schedule import lr_at, lr_factor
+from clara.recipes.train_config import TrainConfig
 from clara.recipes.train_state import (
     CheckpointError,
     capture_rng,
@@ -61,7 +63,7 @@ def test_step_checkpoints_default_into_the_run_folder():
 
 def test_defaults_are_the_official_ones():
     # Values of ml-clara openrlhf/cli/train_sft.py's parser (but --ckpt_path, see above).
-    a = parse_args(["--pretrain", "m", "--dataset", "d"])
+    a = build_parser().parse_args(["--pretrain", "m", "--dataset", "d"])
     official = dict(pretrain_checkpoint=None, stage="stage1", generation_top_k=1, doc_max_length=256, compress_rate=32,
                     qa_loss=True, stage2_mips=False, stage2_retrieval_top_n=1, mse_loss=False, do_eval_gen=False,
                     save_path="./ckpt", save_steps=-1, load_checkpoint=False,
@@ -72,6 +74,19 @@ def test_defaults_are_the_official_ones():
                     max_samples=1000000, max_len=2048, logging_steps=1, eval_steps=-1, seed=42)
     assert {k: getattr(a, k) for k in official} == official
     assert (a.dry_run, a.memory_budget_gb, a.device, a.lora_rank, a.max_steps) == (False, 15.0, "auto", 16, -1)
+
+
+def test_the_loop_config_is_typed_and_maps_the_flags_one_to_one():
+    config = parse_args(["--pretrain", "m", "--dataset", "d", "--lora_rank", "8", "--adam_betas", "0.8", "0.9"])
+    assert isinstance(config, TrainConfig)
+    assert (config.lora_rank, config.adam_betas, config.stage) == (8, (0.8, 0.9), "stage1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lora_rank = 4  # a run's configuration does not change under the loop
+    parser = build_parser()
+    ignored = {a.dest for a in parser._actions if a.help and IGNORED in a.help}
+    flags = {a.dest for a in parser._actions if a.dest != "help"} - ignored
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == flags
+    assert json.loads(json.dumps(config.to_dict()))["lora_rank"] == 8  # checkpoints record it as JSON
 
 
 def test_every_flag_has_help_and_ignored_ones_say_so(capsys):
@@ -87,9 +102,11 @@ def test_every_flag_has_help_and_ignored_ones_say_so(capsys):
 
 
 def test_deepspeed_only_flags_are_accepted():
-    a = parse_args(SEED_CMD + ["--adam_offload", "--zpg", "8", "--overlap_comm", "--local_rank", "3",
-                               "--use_wandb", "key", "--save_hf_ckpt", "--disable_ds_ckpt"])
+    flags = SEED_CMD + ["--adam_offload", "--zpg", "8", "--overlap_comm", "--local_rank", "3", "--use_wandb", "key",
+                        "--save_hf_ckpt", "--disable_ds_ckpt"]
+    a = build_parser().parse_args(flags)
     assert a.zpg == 8 and a.local_rank == 3
+    assert parse_args(flags) == parse_args(SEED_CMD)  # and change nothing the loop sees
 
 
 @pytest.mark.parametrize("extra, names", [
