@@ -29,8 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clara.files import current_umask
-from clara.config import ClaraConfig, ConfigError
-from clara.lora import adapter_state_dict, load_adapter_state_dict
+from clara.config import ClaraConfig, ConfigError, DecoderConfig
+from clara.lora import add_adapter, adapter_state_dict, load_adapter_state_dict
+from clara.stages import DECODER
+from clara.weights import load_base
 
 if TYPE_CHECKING:
     from clara.model import Clara
@@ -44,6 +46,11 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 class CheckpointError(ValueError):
     """A checkpoint (a Clara model folder, or a training run's step checkpoint) that cannot be used;
     the message names the file and what is wrong. The one error class of every checkpoint reader."""
+
+
+def base_fingerprint(config: DecoderConfig, tokenizer_size: int) -> str:
+    """Identity of a base model: its architecture config and its tokenizer's size."""
+    return f"{config.fingerprint()}-v{tokenizer_size}"
 
 
 def weights_probe(decoder) -> str:
@@ -197,10 +204,10 @@ def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tenso
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def load_clara(path: str | os.PathLike, *, base: str | None = None, training_stage: str | None = None,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               base_model=None) -> "Clara":
-    """Load a checkpoint written by save_clara.
+def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str | None = None,
+               training_stage: str | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", base_model=None) -> "Clara":
+    """Load a checkpoint written by save_clara as a `model_class` (Clara.from_pretrained passes its class).
 
     base: where to load the base from, when it moved (default: the name recorded at save time).
     base_model: an already loaded (decoder, tokenizer) pair to use instead (tests, custom bases).
@@ -208,9 +215,6 @@ def load_clara(path: str | os.PathLike, *, base: str | None = None, training_sta
         encoder adapter and starts a fresh decoder adapter; stage2 without a saved query reasoner
         starts it from the encoder adapter.
     """
-    from clara.model import DECODER, Clara, base_fingerprint
-    from clara.weights import load_base
-
     path = find_clara_checkpoint(path) or Path(path)
     meta = read_checkpoint_meta(path)
     config_path = path / CONFIG_FILE
@@ -233,7 +237,7 @@ def load_clara(path: str | os.PathLike, *, base: str | None = None, training_sta
     adapters = _load_tensors(path / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
     embeddings = _load_tensors(path / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
 
-    model = Clara.from_decoder(decoder, tokenizer, config, base_name=meta["base"]["name"])
+    model = model_class.from_decoder(decoder, tokenizer, config, base_name=meta["base"]["name"])
     model.base_fingerprint = fingerprint
     ids = _added_token_ids(model)
     if ids != meta["added_tokens"]:
@@ -250,8 +254,6 @@ def load_clara(path: str | os.PathLike, *, base: str | None = None, training_sta
         if stage == "stage1_2" and saved_stage == "stage1" and name == DECODER:
             continue  # instruction tuning starts a fresh generator on the stage-1 compressor
         if name not in model.adapter_names:
-            from clara.lora import add_adapter
-
             add_adapter(model.decoder, name, config.lora_r, config.lora_alpha, config.lora_dropout)
         try:
             load_adapter_state_dict(model.decoder, name, by_adapter[name])

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clara.checkpoint import base_fingerprint, load_clara, save_clara
 from clara.compressor import Compressed, compress
-from clara.config import ClaraConfig, DecoderConfig
+from clara.config import ClaraConfig
 from clara.decoder import Decoder
 from clara.generate import generate
 from clara.lora import (add_adapter, apply_lora, copy_adapter, lora_layers, mark_only_adapters_trainable,
@@ -172,14 +173,10 @@ class Clara(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "Clara":
         """A saved Clara checkpoint (see clara.checkpoint.load_clara for the options)."""
-        from clara.checkpoint import load_clara
-
-        return load_clara(path, **kwargs)
+        return load_clara(cls, path, **kwargs)
 
     def save_pretrained(self, path) -> None:
         """Config JSON + adapters + added embedding rows as safetensors, written atomically."""
-        from clara.checkpoint import save_clara
-
         save_clara(self, path)
 
     # -----------------------------------------------------------------------------------------
@@ -492,11 +489,6 @@ class Clara(nn.Module):
         selected, idx = self.retrieve(questions, memory, k)
         answers = self.generate_from_compressed_documents_and_questions(questions, selected, max_new_tokens, **kw)
         return answers, idx
-
-
-def base_fingerprint(config: DecoderConfig, tokenizer_size: int) -> str:
-    """Identity of a base model: its architecture config and its tokenizer's size."""
-    return f"{config.fingerprint()}-v{tokenizer_size}"
 
 
 __all__ = ["Clara", "ClaraBatch", "GenerationSettings", "LossTerm", "combine_loss_terms", "ENCODER", "DECODER",

@@ -52,9 +52,10 @@ from clara.config import (
     has_kind,
 )
 from clara.checkpoint import CheckpointError
-from clara.stages import get_stage
+from clara.model import Clara
+from clara.stages import ENCODER, QUERY, get_stage
 from clara.lora import add_adapter, copy_adapter, load_adapter_state_dict
-from clara.weights import HF_NAME_MAPS, WeightsError, _compile_map, rename
+from clara.weights import HF_NAME_MAPS, WeightsError, _compile_map, load_base, rename
 
 CONFIG_FILE = "config.json"
 ADAPTERS_FILE = "adapters.pth"
@@ -312,8 +313,6 @@ def import_official_checkpoint(path: str | os.PathLike, *, base: str | None = No
     base_model: an already loaded (decoder, tokenizer) pair instead (tests, custom bases); both are
         modified in place.
     """
-    from clara.model import ENCODER, QUERY, Clara
-    from clara.weights import load_base
 
     path = Path(path)
     official = read_official_config(path)
