@@ -124,9 +124,9 @@ def make_optimizer(model: Clara, args: TrainConfig) -> torch.optim.AdamW:
         (no_decay if name == "memory_embeddings" else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.l2}, {"params": no_decay, "weight_decay": 0.0}]
     params = decay + no_decay
-    # CUDA: the fused kernel updates every tensor in one launch. Not on CPU: there torch 2.13's fused
-    # AdamW took 40-60 s instead of 0.1 s for some steps of SmolLM2's stage 1 (measured with
-    # bench/train_step.py's step). FSDP2's sharded DTensors keep the default implementation.
+    # CUDA: the fused kernel updates every tensor in one launch. Not on CPU, where torch's fused
+    # AdamW was far slower on some steps (docs/performance.md). FSDP2's sharded DTensors keep the
+    # default implementation.
     fused = all(type(p.data) is torch.Tensor and p.device.type == "cuda" for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
                              betas=tuple(args.adam_betas), eps=1e-8, fused=fused or None)

@@ -15,10 +15,10 @@ from clara.recipes.args import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Growable CUDA segments instead of fixed-size blocks: the micro-batches' shapes vary, and with
-    # fixed blocks the cache fragmented to 16% above the allocated peak in our H200 runs, enough
-    # to fail a batch that the planner (and a T4's 15 GiB) allows. Read at the first CUDA
-    # allocation, so it must be set before; a value the user set is kept.
+    # Growable CUDA segments instead of fixed-size blocks: the micro-batches' shapes vary, and
+    # fixed blocks fragment the cache enough to fail a batch that the planner allows
+    # (docs/memory-planner.md). Read at the first CUDA allocation, so it must be set before; a
+    # value the user set is kept.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(argv)
     if args.dry_run:
