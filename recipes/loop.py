@@ -465,16 +465,18 @@ def _evaluate(model: Clara, module, examples, args, precision, device, dist: Dis
     other, n = all_reduce_sum(other, dist, device), all_reduce_sum(n, dist, device)
     eval_loss = lm_sum / tokens if tokens else other / max(n, 1)
     row: dict[str, Any] = {"step": position.global_step, "eval_loss": eval_loss}
+    stage = get_stage(args.stage)
     if args.do_eval_gen and is_sharded(model) and dist.is_main:
         log.info("--do_eval_gen: sample generations are skipped under FSDP2 (rank 0 alone cannot run a "
                  "sharded model); run clara.recipes.evaluate on the saved checkpoint instead")
-    elif args.do_eval_gen and dist.is_main and args.stage in ("stage1_2", "stage2"):
+    elif args.do_eval_gen and dist.is_main and stage.generates and stage.data_format != "stage1":
+        # stage-1 rows hold no single question to answer
         from clara.data.metrics import answer_scores
 
         sample = examples[: min(4, len(examples))]
         questions = [e.question for e in sample]
         docs = [list(e.docs) for e in sample]
-        if args.stage == "stage2":
+        if stage.retrieves:
             answers, _ = model.generate_from_questions(questions, docs, max_new_tokens=64)
         else:
             answers = model.generate_from_text(questions, docs, max_new_tokens=64)
