@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
+from clara.stages import get_stage
 from clara.config import ENC_TOKEN, SEP_TOKEN, ClaraConfig
 from clara.tokenizer import Tokenizer
 
@@ -272,16 +273,16 @@ def prompt_for_example(example: Any, tokenizer: Tokenizer, config: ClaraConfig, 
     Stage1 paraphrase rows restate `answers[0]`, the text the official data puts there (the
     documents themselves); stage2 uses generation_top_k slots whatever the number of candidates.
     """
-    stage = config.training_stage
-    if stage == "stage1":
+    stage = get_stage(config.training_stage)
+    if not stage.generates:
+        raise ValueError(f"training_stage {stage.name!r} trains retrieval only and has no decoder prompt")
+    if stage.data_format == "stage1":
         if example.data_type == "paraphrase":
             return stage1_paraphrase_prompt(tokenizer, config, example.answers[0], rng, len(example.docs), texts)
         return stage1_qa_prompt(tokenizer, config, example.questions, example.answers, len(example.docs), texts)
-    if stage == "stage1_2":
+    if stage.data_format == "stage1_2":
         return instruction_prompt(tokenizer, config, example.question, example.answer, len(example.docs), texts)
-    if stage == "stage2":
-        return end_to_end_prompt(tokenizer, config, example.question, example.answer, texts)
-    raise ValueError(f"training_stage {stage!r} trains retrieval only and has no decoder prompt")
+    return end_to_end_prompt(tokenizer, config, example.question, example.answer, texts)
 
 
 # ---------------------------------------------------------------------------------------------

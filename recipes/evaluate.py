@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from clara.checkpoint import find_clara_checkpoint
-from clara.stages import EVAL_STAGES
+from clara.stages import EVAL_STAGES, QUERY, get_stage
 from clara.weights import DTYPES
 from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from clara.data.formats import Stage1Example, ValidationError, read_stage_file
@@ -229,7 +229,7 @@ def evaluate(model, examples: Sequence[Any], options: EvalOptions, show_progress
         raise ValueError(f"stage must be one of {', '.join(EVAL_STAGES)}, got {options.stage!r}")
     if not examples:
         raise ValueError("no examples to evaluate")
-    if options.stage == "stage2":
+    if get_stage(options.stage).retrieves:
         options = replace(options, generation_top_k=options.generation_top_k or model.config.generation_top_k)
         fewest = min(len(e.docs) for e in examples)
         if fewest < options.generation_top_k:
@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"rows of {args.data}", file=sys.stderr)
     if untrained:
         print("[clara.recipes.evaluate] note: the adapters are random, so expect scores near zero", file=sys.stderr)
-    if args.stage == "stage2" and "query_reasoner_adapter" not in model.adapter_names:
+    if get_stage(args.stage).retrieves and QUERY not in model.adapter_names:
         print(f"error: {args.model} has no query reasoner (a {model.config.training_stage} checkpoint); "
               "evaluate it on stage1_2 files, or train stage2 first", file=sys.stderr)
         return 1
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     summary = {"model": args.model, "untrained": untrained, "data": args.data, "stage": args.stage,
                "rows": len(examples), "predictions": len(evaluation.predictions),
-               "generation_top_k": evaluation.options.generation_top_k if args.stage == "stage2" else None,
+               "generation_top_k": evaluation.options.generation_top_k if get_stage(args.stage).retrieves else None,
                "max_new_tokens": args.max_new_tokens or model.config.max_new_tokens, "batch_size": args.batch_size,
                "seed": args.seed, "dtype": args.dtype, "device": args.device,
                "seconds": round(seconds, 2), "load_seconds": round(load_seconds, 2)}
