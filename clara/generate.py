@@ -10,6 +10,7 @@ would alone. The command line (`clara-generate`, `python -m clara.generate`) is 
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -33,6 +34,32 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
+def check_generation_request(prompt_tokens: int, context: int, max_new_tokens: int, temperature: float,
+                             top_p: float) -> int:
+    """The number of new tokens to generate; a ValueError for a request that cannot be served.
+
+    A prompt that fits the model's context but leaves less room than `max_new_tokens` generates
+    what fits, with a warning: positions past the context were never trained.
+    """
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty: give at least one token to continue from")
+    if temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_tokens >= context:
+        raise ValueError(f"the prompt has {prompt_tokens} tokens but the model's context is {context}: "
+                         "shorten the prompt")
+    if prompt_tokens + max_new_tokens > context:
+        fitting = context - prompt_tokens
+        warnings.warn(f"the prompt has {prompt_tokens} tokens of the model's {context}: generating at most "
+                      f"{fitting} new tokens instead of {max_new_tokens}", stacklevel=3)
+        return fitting
+    return max_new_tokens
+
+
 def generate(
     model: Decoder,
     input_ids: torch.Tensor | None = None,
@@ -56,6 +83,8 @@ def generate(
     """
     prompt = input_ids if input_ids is not None else inputs_embeds
     b, l = prompt.shape[:2]
+    max_new_tokens = check_generation_request(l, model.config.max_position_embeddings, max_new_tokens,
+                                              temperature, top_p)
     device = model.device
     if attention_mask is None:
         attention_mask = torch.ones(b, l, dtype=torch.long, device=device)

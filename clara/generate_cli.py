@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 import torch
 
@@ -37,18 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1:
-        print("error: --max_new_tokens must be at least 1", file=sys.stderr)
+    if not args.prompt.strip():
+        print("error: --prompt is empty: give the text to answer or continue", file=sys.stderr)
         return 2
-    if not 0.0 < args.top_p <= 1.0:
-        print("error: --top_p must be in (0, 1]", file=sys.stderr)
+    for bad, message in ((args.max_new_tokens < 1, f"--max_new_tokens must be at least 1, got {args.max_new_tokens}"),
+                         (args.temperature < 0, f"--temperature must be 0 (greedy) or positive, got {args.temperature}"),
+                         (not 0.0 < args.top_p <= 1.0, f"--top_p must be in (0, 1], got {args.top_p}")):
+        if bad:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"error: --device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: this torch sees no CUDA device; use --device cpu", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
         model, tokenizer = load_base(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    except WeightsError as e:
+    except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"[clara.generate] loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     ids = torch.tensor([prompt_ids(tokenizer, args.prompt, args.chat, args.system)], device=model.device)
@@ -62,9 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
 
     generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
+    context = model.config.max_position_embeddings
+    if ids.shape[1] >= context:
+        print(f"error: --prompt is {ids.shape[1]} tokens but {args.model}'s context is {context}: shorten it",
+              file=sys.stderr)
+        return 2
     t1 = time.perf_counter()
-    new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   stop_ids=stop, pad_id=tokenizer.pad_id, generator=generator, on_token=emit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, stop_ids=stop, pad_id=tokenizer.pad_id, generator=generator, on_token=emit)
+    for warning in caught:
+        print(f"[clara.generate] warning: {warning.message}", file=sys.stderr)
     sys.stdout.write(stream.flush() + "\n")
     dt = time.perf_counter() - t1
     print(f"[clara.generate] {new.shape[1]} tokens in {dt:.2f}s ({new.shape[1] / dt:.1f} tokens/s, "

@@ -178,6 +178,10 @@ def _safetensors_files(directory: Path) -> list[Path]:
         if not isinstance(weight_map, dict):
             raise WeightsError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
+        for name in files:
+            # A shard is a file of this folder: an index must not send the loader elsewhere.
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise WeightsError(f"{index}: shard name {name!r} is not a file name inside {directory}")
         absent = [f for f in files if not (directory / f).exists()]
         if absent:
             raise WeightsError(f"{index}: shard files not found: {', '.join(absent)}")

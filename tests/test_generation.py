@@ -123,4 +123,38 @@ def test_python_m_clara_generate_runs_the_command_line():
     assert done.stderr == ""  # no runpy warning about the module being imported twice
     done = subprocess.run([sys.executable, "-m", "clara.generate", "--prompt", "hi", "--max_new_tokens", "0"],
                           capture_output=True, text=True)
-    assert (done.returncode, done.stderr) == (2, "error: --max_new_tokens must be at least 1\n")
+    assert (done.returncode, done.stderr) == (2, "error: --max_new_tokens must be at least 1, got 0\n")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", ""], "error: --prompt is empty: give the text to answer or continue"),
+    (["--prompt", "hi", "--temperature", "-1"], "error: --temperature must be 0 (greedy) or positive, got -1.0"),
+    (["--prompt", "hi", "--top_p", "0"], "error: --top_p must be in (0, 1], got 0.0"),
+    (["--prompt", "hi", "--device", "foo"], "error: --device 'foo' is not a torch device (e.g. cpu, cuda, cuda:1, mps)"),
+])
+def test_the_command_line_refuses_bad_requests_in_one_line_before_loading(flags, message, capsys):
+    from clara.generate_cli import main
+
+    assert main(flags) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_generation_requests_that_cannot_be_served_are_refused():
+    model = tiny_model("llama_tied")  # context 256
+    ids = torch.tensor([[1, 2, 3]])
+    for kwargs, message in (({"temperature": -1.0}, "temperature must be 0 .greedy. or positive, got -1.0"),
+                            ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+                            ({"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            generate(model, ids, **kwargs)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="the prompt has 256 tokens but the model's context is 256"):
+        generate(model, torch.ones(1, 256, dtype=torch.long))
+
+
+def test_a_prompt_near_the_end_of_the_context_generates_what_fits_and_warns():
+    model = tiny_model("llama_tied")  # context 256
+    with pytest.warns(UserWarning, match="generating at most 6 new tokens instead of 20"):
+        new = generate(model, torch.ones(1, 250, dtype=torch.long), max_new_tokens=20)
+    assert new.shape == (1, 6)

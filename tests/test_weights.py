@@ -178,6 +178,18 @@ def test_missing_config_is_named(tmp_path):
     assert one_line(e) == f"{tmp_path / 'm' / 'config.json'}: file not found"
 
 
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_an_index_cannot_send_the_loader_outside_the_model_folder(tmp_path, shard):
+    hf, _ = make_pair("smollm2")
+    d = write_hf_dir(hf, tmp_path / "m")
+    (tmp_path / "elsewhere.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    (d / "model.safetensors").rename(d / "part.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+    with pytest.raises(WeightsError) as e:
+        load_hf_directory(d)
+    assert one_line(e) == f"{d / 'model.safetensors.index.json'}: shard name {shard!r} is not a file name inside {d}"
+
+
 def test_truncated_safetensors_names_the_file(tmp_path):
     hf, _ = make_pair("smollm2")
     d = write_hf_dir(hf, tmp_path / "m")
