@@ -16,13 +16,14 @@ an interrupted save leaves the previous checkpoint (or nothing), never half of o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from clara.files import current_umask
 from clara.config import ClaraConfig, ConfigError, DecoderConfig
 from clara.lora import add_adapter, adapter_state_dict, load_adapter_state_dict
-from clara.stages import DECODER
+from clara.stages import get_stage
 from clara.weights import load_base
 
 if TYPE_CHECKING:
@@ -206,7 +207,8 @@ def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tenso
 
 def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str | None = None,
                training_stage: str | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", base_model=None) -> "Clara":
+               device: str | torch.device = "cpu", base_model=None,
+               settings: dict[str, Any] | None = None) -> "Clara":
     """Load a checkpoint written by save_clara as a `model_class` (Clara.from_pretrained passes its class).
 
     base: where to load the base from, when it moved (default: the name recorded at save time).
@@ -214,6 +216,8 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     training_stage: continue training in another stage. As the official release: stage1_2 keeps the
         encoder adapter and starts a fresh decoder adapter; stage2 without a saved query reasoner
         starts it from the encoder adapter.
+    settings: ClaraConfig fields to use instead of the saved ones, e.g. a training run's
+        generation_top_k; the model is built with them, not patched afterwards.
     """
     path = find_clara_checkpoint(path) or Path(path)
     meta = read_checkpoint_meta(path)
@@ -223,6 +227,8 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{config_path}: clara_config: {e}") from None
     saved_stage = config.training_stage
+    if settings:
+        config = dataclasses.replace(config, **settings)
 
     base_name = base or meta["base"]["name"]
     decoder, tokenizer = base_model if base_model is not None else load_base(base_name, dtype=dtype, device=device)
@@ -238,7 +244,6 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     embeddings = _load_tensors(path / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
 
     model = model_class.from_decoder(decoder, tokenizer, config, base_name=meta["base"]["name"])
-    model.base_fingerprint = fingerprint
     ids = _added_token_ids(model)
     if ids != meta["added_tokens"]:
         raise CheckpointError(f"{config_path}: the added tokens got ids {ids}, the checkpoint recorded "
@@ -250,17 +255,37 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     by_adapter = split_by_adapter(adapters)
     if sorted(by_adapter) != sorted(saved):
         raise CheckpointError(f"{path / ADAPTERS_FILE}: holds adapters {sorted(by_adapter)}, {CONFIG_FILE} lists {saved}")
-    for name in saved:
-        if stage == "stage1_2" and saved_stage == "stage1" and name == DECODER:
-            continue  # instruction tuning starts a fresh generator on the stage-1 compressor
+    for name in get_stage(stage).adapters_to_load(saved_stage, saved):
         if name not in model.adapter_names:
             add_adapter(model.decoder, name, config.lora_r, config.lora_alpha, config.lora_dropout)
-        try:
-            load_adapter_state_dict(model.decoder, name, by_adapter[name])
-        except ValueError as e:
-            raise CheckpointError(f"{path / ADAPTERS_FILE}: {e}") from None
+        _load_adapter(model, name, by_adapter[name], path / ADAPTERS_FILE)
     model.configure_training(stage)
     return model.to(device)
+
+
+def _load_adapter(model: "Clara", name: str, state: dict[str, torch.Tensor], where: Path) -> None:
+    try:
+        load_adapter_state_dict(model.decoder, name, state)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+@torch.no_grad()
+def load_trained_weights(path: str | os.PathLike, model: "Clara") -> None:
+    """Put a checkpoint's adapters and memory embeddings into `model`, a model of the same run
+    (a training run resuming its step checkpoint): no base is loaded, the files' sha256 are checked."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    adapters = _load_tensors(path / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
+    embeddings = _load_tensors(path / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
+    for name, state in split_by_adapter(adapters).items():
+        _load_adapter(model, name, state, path / ADAPTERS_FILE)
+    memory = embeddings.get("memory_embeddings")
+    if memory is None or memory.shape != model.memory_embeddings.shape:
+        raise CheckpointError(f"{path / EMBEDDINGS_FILE}: memory_embeddings of shape "
+                              f"{None if memory is None else list(memory.shape)}, the model needs "
+                              f"{list(model.memory_embeddings.shape)}")
+    model.memory_embeddings.copy_(memory)
 
 
 @torch.no_grad()

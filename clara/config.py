@@ -229,7 +229,6 @@ def rope_attention_factor(cfg: DecoderConfig) -> float:
 # =================================================================================================
 # CLaRa: compression, memory tokens, adapters, retrieval
 # =================================================================================================
-TRAINING_STAGES = STAGE_NAMES  # the stage table is clara/stages.py
 MAX_COMPRESS_RATE = 256
 
 # The strings of CLaRa's special tokens. The official release spells memory tokens `<MEM{i}>`;
@@ -268,7 +267,7 @@ class ClaraConfig:
     lora_target_modules: str | tuple[str, ...] = "all-linear"  # or the projection names, e.g. ("q_proj",)
 
     # --- training and generation -----------------------------------------------------------------
-    training_stage: str = "stage1"  # one of TRAINING_STAGES
+    training_stage: str = "stage1"  # one of clara.stages.STAGE_NAMES
     generation_top_k: int = 5  # documents (slots) per decoder prompt in stage1_2 / stage2
     retrieval_temperature: float = 0.02  # tau of the differentiable top-k and of InfoNCE (paper: 0.02)
     mse_loss: bool = False  # add the compressor's alignment loss (weighted by mse_loss_weight)
@@ -314,8 +313,8 @@ class ClaraConfig:
         elif not targets or not all(isinstance(t, str) and t for t in targets):
             raise ConfigError(f"lora_target_modules must be 'all-linear' or a non-empty list of module names, "
                               f"got {list(targets)!r}")
-        if self.training_stage not in TRAINING_STAGES:
-            raise ConfigError(f"training_stage must be one of {', '.join(TRAINING_STAGES)}, "
+        if self.training_stage not in STAGE_NAMES:
+            raise ConfigError(f"training_stage must be one of {', '.join(STAGE_NAMES)}, "
                               f"got {self.training_stage!r}")
         if self.generation_top_k < 1:
             raise ConfigError(f"generation_top_k must be at least 1, got {self.generation_top_k}")

@@ -59,14 +59,19 @@ class LossTerm:
     weight: float
     per_token: bool
 
+    def share(self, answer_tokens: int, micro_batches: int) -> torch.Tensor:
+        """This micro-batch's part of the term's global-batch value (unweighted): the global value
+        is the sum of the shares of all micro-batches."""
+        return self.value / max(answer_tokens if self.per_token else micro_batches, 1)
+
 
 def combine_loss_terms(terms: Sequence[LossTerm], answer_tokens: int, micro_batches: int) -> torch.Tensor:
     """The training loss of one micro-batch's terms as its share of a global batch holding
     `answer_tokens` answer tokens in `micro_batches` micro-batches."""
     total = None
     for term in terms:
-        share = term.weight * term.value / max(answer_tokens if term.per_token else micro_batches, 1)
-        total = share if total is None else total + share
+        part = term.weight * term.share(answer_tokens, micro_batches)
+        total = part if total is None else total + part
     if total is None:
         raise ValueError("no loss terms")
     return total

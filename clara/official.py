@@ -39,13 +39,11 @@ from typing import Any
 
 import torch
 
-from clara.weights import DTYPES
 from clara.config import (
     AE_TOKEN,
     ENC_TOKEN,
     MEM_TOKEN,
     SEP_TOKEN,
-    TRAINING_STAGES,
     KIND_TEXT,
     ClaraConfig,
     ConfigError,
@@ -53,9 +51,9 @@ from clara.config import (
 )
 from clara.checkpoint import CheckpointError
 from clara.model import Clara
-from clara.stages import ENCODER, QUERY, get_stage
+from clara.stages import ENCODER, QUERY, STAGE_NAMES, get_stage
 from clara.lora import add_adapter, copy_adapter, load_adapter_state_dict
-from clara.weights import HF_NAME_MAPS, WeightsError, _compile_map, load_base, rename
+from clara.weights import DTYPES, HF_NAME_MAPS, WeightsError, _compile_map, load_base, rename
 
 CONFIG_FILE = "config.json"
 ADAPTERS_FILE = "adapters.pth"
@@ -155,9 +153,9 @@ def read_official_config(path: str | os.PathLike) -> OfficialConfig:
     if not values["lora"]:
         raise OfficialCheckpointError(f"{config_path}: field 'lora' is false; only LoRA checkpoints (adapters.pth "
                                       "+ decoder_first_last_layers.pth) can be imported")
-    if values["training_stage"] not in TRAINING_STAGES:
+    if values["training_stage"] not in STAGE_NAMES:
         raise OfficialCheckpointError(f"{config_path}: field 'training_stage' is {values['training_stage']!r}; "
-                                      f"supported: {', '.join(TRAINING_STAGES)}")
+                                      f"supported: {', '.join(STAGE_NAMES)}")
     notes = []
     if not values["sep"]:
         # The official prompts always put <SEP> after each memory slot; its `sep` flag only decides

@@ -29,6 +29,21 @@ class Stage:
     losses: tuple[str, ...]  # loss terms: "lm" (answer tokens), "mse" (with --mse_loss), "retrieval"
     compressor_trained: bool  # False: documents are compressed without grad (a frozen compressor)
     evaluable: bool  # the evaluator has metrics for it
+    # Saved stages whose decoder adapter this stage does not load but starts afresh (the official
+    # release: instruction tuning trains a new generator on the stage-1 compressor).
+    fresh_decoder_after: tuple[str, ...] = ()
+
+    @property
+    def typed_rows(self) -> bool:
+        """Its rows are QA or paraphrase rows (`data_type`), a QA row with several questions, and
+        --qa_loss selects among them: the stage1 layout. Other layouts hold one question a row."""
+        return self.data_format == "stage1"
+
+    def adapters_to_load(self, saved_stage: str, saved: tuple[str, ...] | list[str]) -> list[str]:
+        """Which of a checkpoint's `saved` adapters (written in `saved_stage`) a model of this
+        stage loads; the others start fresh."""
+        fresh = (DECODER,) if saved_stage in self.fresh_decoder_after else ()
+        return [name for name in saved if name not in fresh]
 
     @property
     def generates(self) -> bool:
@@ -45,7 +60,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("stage1", data_format="stage1", adapters=(ENCODER, DECODER), trained_adapters=(ENCODER, DECODER),
           losses=("lm", "mse"), compressor_trained=True, evaluable=True),
     Stage("stage1_2", data_format="stage1_2", adapters=(ENCODER, DECODER), trained_adapters=(ENCODER, DECODER),
-          losses=("lm", "mse"), compressor_trained=True, evaluable=True),
+          losses=("lm", "mse"), compressor_trained=True, evaluable=True, fresh_decoder_after=("stage1",)),
     Stage("stage2", data_format="stage2", adapters=(ENCODER, DECODER, QUERY), trained_adapters=(QUERY, DECODER),
           losses=("lm",), compressor_trained=False, evaluable=True),
     Stage("stage2_pretrain_retrieval", data_format="stage2", adapters=(ENCODER, DECODER, QUERY),

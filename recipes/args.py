@@ -17,7 +17,8 @@ import argparse
 from collections.abc import Sequence
 
 from clara.recipes.train_config import TrainConfig
-from clara.config import MAX_COMPRESS_RATE, TRAINING_STAGES
+from clara.config import MAX_COMPRESS_RATE
+from clara.stages import STAGE_NAMES
 
 # Learning-rate schedules recipes/schedule.py implements (names as transformers' get_scheduler).
 LR_SCHEDULERS = ("cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup")
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrain_checkpoint", type=str, default=None,
                        help="Clara checkpoint to continue from (e.g. the stage1 result for stage1_2/stage2); "
                             "its adapters are loaded on top of --pretrain")
-    model.add_argument("--stage", type=str, default="stage1", choices=TRAINING_STAGES,
+    model.add_argument("--stage", type=str, default="stage1", choices=STAGE_NAMES,
                        help="Training stage: stage1 (compression pretraining: QA + paraphrase, optional MSE), "
                             "stage1_2 (instruction tuning), stage2 (end-to-end retrieval + generation), "
                             "stage2_pretrain_retrieval (retrieval warm-up)")
@@ -193,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--device", type=str, default="auto", choices=DEVICES,
                       help="Where to train; auto picks cuda (LOCAL_RANK's GPU under torchrun), then mps, then cpu")
     ours.add_argument("--max_steps", type=int, default=-1,
-                      help="Stop after this many optimizer steps (-1: run all --max_epochs); the schedule "
-                           "still spans the full run, so a stopped run resumes on the same curve")
+                      help="Train at most this many optimizer steps (-1: all --max_epochs); the lr schedule "
+                           "(warmup and decay) is laid over the run's real length")
     ours.add_argument("--dry_run", action="store_true", default=False,
                       help="Print the memory plan of this configuration and the largest micro-batch that fits "
                            "--memory_budget_gb, then exit without training")

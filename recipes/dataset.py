@@ -24,13 +24,15 @@ def _looks_like_hub_name(name: str) -> bool:
 
 def load_examples(dataset: str, stage: str, *, max_samples: int | None = None, top_k: int | None = None,
                   split: str = "train") -> list[Any]:
-    """Examples of `stage` from a JSONL file, or a hub dataset (`org/name`, needs `datasets`)."""
+    """Examples of the `stage` data format from a JSONL file, or a hub dataset (`org/name`, needs
+    `datasets`); a file's document counts are checked against `top_k` when given (see
+    clara.data.formats)."""
     if _looks_like_hub_name(dataset):
         examples = _load_hub_dataset(dataset, stage, split)
     else:
         if not Path(dataset).exists():
             raise FileNotFoundError(f"--dataset {dataset}: no such file")
-        examples = read_stage_file(dataset, stage, top_k=top_k if stage in ("stage1_2",) else None)
+        examples = read_stage_file(dataset, stage, top_k=top_k)
     if max_samples is not None and max_samples > 0:
         examples = examples[:max_samples]
     if not examples:

@@ -45,9 +45,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clara.checkpoint import find_clara_checkpoint
+from clara.checkpoint import CheckpointError, find_clara_checkpoint
+from clara.config import ClaraConfig
+from clara.model import Clara
 from clara.stages import EVAL_STAGES, QUERY, get_stage
-from clara.weights import DTYPES
+from clara.weights import DTYPES, WeightsError
 from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from clara.data.formats import Stage1Example, ValidationError, read_stage_file
 from clara.data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
@@ -74,7 +76,7 @@ class Evaluation:
 # ---------------------------------------------------------------------------------------------
 def load_examples(path: str | Path, stage: str, top_k: int | None = None, max_samples: int | None = None) -> list:
     """The file's examples (clara.data.formats validation: every problem named by file, line and field)."""
-    examples = read_stage_file(path, stage, top_k if stage != "stage1" else None)
+    examples = read_stage_file(path, stage, None if get_stage(stage).typed_rows else top_k)
     return examples[:max_samples] if max_samples is not None else examples
 
 
@@ -86,9 +88,6 @@ def is_checkpoint(name: str | Path) -> bool:
 def load_model(name: str, stage: str, generation_top_k: int | None, dtype: torch.dtype = torch.float32,
                device: str = "cpu", seed: int = 0):
     """(model, untrained): a saved Clara checkpoint, or a fresh Clara on a base model."""
-    from clara.config import ClaraConfig
-    from clara.model import Clara
-
     torch.manual_seed(seed)  # a fresh model's adapters are random; make them reproducible
     if is_checkpoint(name):
         # The checkpoint's own stage is kept: asking for another would start fresh adapters.
@@ -178,17 +177,18 @@ def _predict_stage1(model, examples: Sequence[Stage1Example], options: EvalOptio
 
 def count_predictions(examples: Sequence[Any], stage: str) -> int:
     """One per row, except stage1 QA rows: one per question."""
-    if stage != "stage1":
+    if not get_stage(stage).typed_rows:
         return len(examples)
     return sum(len(e.questions) if e.data_type == "qa" else 1 for e in examples)
 
 
 def predict(model, examples: Sequence[Any], options: EvalOptions, show_progress: bool = True) -> list[dict[str, Any]]:
-    predictor = {"stage1": _predict_stage1, "stage1_2": _predict_answers, "stage2": _predict_end_to_end}
+    stage = get_stage(options.stage)
+    predictor = _predict_stage1 if stage.typed_rows else _predict_end_to_end if stage.retrieves else _predict_answers
     with torch.no_grad(), tqdm(total=count_predictions(examples, options.stage), unit="prediction",
                                desc=f"evaluate {options.stage}", disable=not show_progress,
                                file=sys.stderr) as progress:
-        return predictor[options.stage](model, examples, options, progress)
+        return predictor(model, examples, options, progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def decision_label(golds: Sequence[str]) -> str | None:
 def _answer_groups(rows: Sequence[dict[str, Any]], stage: str) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(row["data_type"] if stage == "stage1" else "answer", []).append(row)
+        groups.setdefault(row["data_type"] if get_stage(stage).typed_rows else "answer", []).append(row)
     return {name: answer_scores([r["prediction"] for r in group], [r["gold"] for r in group])
             for name, group in groups.items()}
 
@@ -322,9 +322,6 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from clara.checkpoint import CheckpointError
-    from clara.weights import WeightsError
-
     args = build_parser().parse_args(argv)
     problem = _check_arguments(args)
     if problem:

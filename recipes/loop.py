@@ -26,24 +26,30 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from clara.checkpoint import CheckpointError, find_clara_checkpoint
+from clara.data.metrics import answer_scores
+from clara.checkpoint import CheckpointError, find_clara_checkpoint, load_trained_weights
 from clara.config import ClaraConfig
 from clara.files import read_json
 from clara.stages import get_stage
-from clara.model import Clara, combine_loss_terms
+from clara.model import Clara, LossTerm, combine_loss_terms
 from clara.recipes import dataset as ds
 from clara.recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_sum, barrier, full_parameters, gather_objects,
                                  init_distributed, is_sharded, shutdown, wrap_model)
 from clara.recipes.precision import choose_precision, flash_attention_note, pick_device
 from clara.recipes.run_identity import check_same_run, run_identity
+from clara.recipes.plot import write_loss_curve_png
+from clara.recipes.schedule import OFFICIAL_MIN_LR_RATIO, lr_at
 from clara.recipes.train_config import TrainConfig
+from clara.recipes.train_state import (STATE_FILE, capture_rng, find_latest_checkpoint, load_train_state,
+                                       prune_checkpoints, restore_rng, save_rng, save_train_state,
+                                       write_checkpoint_atomically)
 
 log = logging.getLogger("clara.recipes.train")
 
@@ -99,9 +105,7 @@ def build_model(args: TrainConfig, precision, device) -> Clara:
     if checkpoint is not None:
         base = args.pretrain if args.pretrain_checkpoint and not find_clara_checkpoint(args.pretrain) else None
         model = Clara.from_pretrained(checkpoint, base=base, training_stage=stage, dtype=precision.weight_dtype,
-                                      device=device)
-        for name, value in run_switches(args).items():
-            setattr(model.config, name, value)
+                                      device=device, settings=run_switches(args))
     else:
         config = ClaraConfig(compress_rate=args.compress_rate, doc_max_length=args.doc_max_length,
                              training_stage=stage, lora_r=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -144,18 +148,24 @@ def train_step(module, model: Clara, batches, optimizer, scaler, precision, devi
     n_micro_local = len(batches)
     n_micro = all_reduce_sum(n_micro_local, dist, device)
     tokens = int(all_reduce_sum(sum(b.n_target_tokens for b in batches), dist, device))
-    sums = dict.fromkeys(model.loss_weights(), 0.0)
+    names = get_stage(model.config.training_stage).losses  # the same names in the same order on every rank
+    shares = dict.fromkeys(names, 0.0)  # each term's part of its global-batch value
+    present = dict.fromkeys(names, 0)  # micro-batches that computed the term ("mse" only with --mse_loss)
+    loss_sum = 0.0
     for i, batch in enumerate(batches):
         last = i == n_micro_local - 1
         sync = contextlib.nullcontext() if last or not hasattr(module, "no_sync") else module.no_sync()
         with sync:
             with precision.autocast(device):
                 _, aux = module(batch)
-            # The model's terms as this micro-batch's share of the global batch; DDP and FSDP
-            # average gradients over processes, hence the factor world_size.
-            loss = combine_loss_terms(aux["loss_terms"], tokens, n_micro) * dist.world_size
+            # The model's terms as this micro-batch's share of the global batch.
+            loss = combine_loss_terms(aux["loss_terms"], tokens, n_micro)
+            loss_sum += float(loss.detach())
             for term in aux["loss_terms"]:
-                sums[term.name] += float(term.value.detach())
+                shares[term.name] += float(term.share(tokens, n_micro).detach())
+                present[term.name] += 1
+            # DDP and FSDP average gradients over processes; the factor world_size undoes that.
+            loss = loss * dist.world_size
             (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -169,13 +179,11 @@ def train_step(module, model: Clara, batches, optimizer, scaler, precision, devi
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    # Each term's global value, normalised as combine_loss_terms does: tokens for "lm", else micro-batches.
-    stage = get_stage(model.config.training_stage)
-    used = [n for n in stage.losses if n != "mse" or model.config.mse_loss]
-    means = {n: all_reduce_sum(sums[n], dist, device) / max(tokens if n == "lm" else n_micro, 1) for n in used}
-    loss_value = sum(model.loss_weights()[n] * v for n, v in means.items())
-    lm = means.get("lm") if tokens else None
-    return loss_value, lm, means.get("mse"), grad_norm, tokens
+    terms = {}
+    for name in names:
+        value, count = all_reduce_sum(shares[name], dist, device), all_reduce_sum(present[name], dist, device)
+        terms[name] = value if count else None
+    return all_reduce_sum(loss_sum, dist, device), terms.get("lm"), terms.get("mse"), grad_norm, tokens
 
 
 def _input_tokens(batch) -> int:
@@ -195,10 +203,6 @@ def checkpoint_root(args: TrainConfig) -> Path:
 
 
 def train(args: TrainConfig) -> TrainResult:
-    from clara.recipes.plot import write_loss_curve_png
-    from clara.recipes.schedule import OFFICIAL_MIN_LR_RATIO, lr_at
-    from clara.recipes.train_state import find_latest_checkpoint
-
     dist = init_distributed()
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -215,25 +219,27 @@ def train(args: TrainConfig) -> TrainResult:
     log.info("stage %s: %d trainable parameters (%s)", args.stage, n_trainable,
              ", ".join(sorted({n.split(".adapters.")[-1].split(".")[0] if ".adapters." in n else n
                                for n, _ in model.trainable_named_parameters()})))
-    data_stage = get_stage(args.stage).data_format
-    examples = ds.load_examples(args.dataset, data_stage, max_samples=args.max_samples,
-                                top_k=args.generation_top_k)
-    if data_stage == "stage1":
+    stage = get_stage(args.stage)
+    # The document counts are checked against --generation_top_k except on stage1's typed rows.
+    top_k = None if stage.typed_rows else args.generation_top_k
+    examples = ds.load_examples(args.dataset, stage.data_format, max_samples=args.max_samples, top_k=top_k)
+    if stage.typed_rows:
         examples = ds.select_stage1_rows(examples, args.qa_loss)
     eval_examples = None
     if args.eval_dataset:
-        eval_examples = ds.load_examples(args.eval_dataset, data_stage, max_samples=args.max_samples,
-                                         top_k=args.generation_top_k)
-        if data_stage == "stage1":
+        eval_examples = ds.load_examples(args.eval_dataset, stage.data_format, max_samples=args.max_samples,
+                                         top_k=top_k)
+        if stage.typed_rows:
             eval_examples = ds.select_stage1_rows(eval_examples, args.qa_loss)
     log.info("%d training examples%s", len(examples),
              f", {len(eval_examples)} evaluation examples" if eval_examples else "")
 
     global_batch = args.train_batch_size
     per_epoch = ds.steps_per_epoch(len(examples), global_batch)
+    # The run's real length: --max_steps shortens it, and the schedule, the log and the bar follow.
     total_steps = per_epoch * args.max_epochs
-    # --max_steps stops early, but the schedule spans the whole run, so a resumed run continues it.
-    stop_at = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
     position = Position()
     root = checkpoint_root(args)
     latest = find_latest_checkpoint(root) if args.load_checkpoint else None
@@ -244,7 +250,8 @@ def train(args: TrainConfig) -> TrainResult:
         check_same_run(read_run_identity(latest), identity, str(latest))
         restore_weights(latest, model)  # before sharding: the files hold whole tensors
     module, how = wrap_model(model, dist, args.zero_stage, device)
-    log.info("%s; %d steps (%d per epoch), global batch %d, micro-batch %d", how, total_steps, per_epoch,
+    log.info("%s; %d steps (%d per epoch, %d epochs%s), global batch %d, micro-batch %d", how, total_steps,
+             per_epoch, args.max_epochs, f", capped by --max_steps {args.max_steps}" if args.max_steps > 0 else "",
              global_batch, args.micro_train_batch_size)
     optimizer = make_optimizer(model, args)  # after wrapping: FSDP2 replaces the parameters
     scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
@@ -261,7 +268,7 @@ def train(args: TrainConfig) -> TrainResult:
     bar = tqdm(total=total_steps, initial=position.global_step, disable=not dist.is_main,
                desc=f"{args.stage}", unit="step", dynamic_ncols=True)
     try:
-        while position.global_step < stop_at:
+        while position.global_step < total_steps:
             order = ds.epoch_order(len(examples), args.seed, position.epoch)
             indices = ds.global_batch_indices(order, position.step_in_epoch, global_batch)
             mine = ds.rank_slice(indices, dist.rank, dist.world_size)
@@ -291,13 +298,14 @@ def train(args: TrainConfig) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{input_tokens / max(seconds, 1e-9):.0f}")
             if dist.is_main and (position.global_step % max(args.logging_steps, 1) == 0
-                                 or position.global_step == stop_at):
+                                 or position.global_step == total_steps):
                 _append_metrics(save_path / "metrics.jsonl", step, position)
             if eval_examples and args.eval_steps > 0 and position.global_step % args.eval_steps == 0:
                 _evaluate(model, module, eval_examples, args, precision, device, dist, save_path, position)
+            # The last step is a step checkpoint too (when the run saves any), so a run can be extended.
             save_now = (args.save_steps > 0 and position.global_step % args.save_steps == 0) or (
-                args.save_steps == -2 and end_of_epoch)
-            if save_now and position.global_step < total_steps:
+                args.save_steps == -2 and end_of_epoch) or (args.save_steps != -1 and position.global_step == total_steps)
+            if save_now:
                 save_checkpoint(root, model, optimizer, scaler, position, args, dist, identity)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -331,9 +339,6 @@ def train(args: TrainConfig) -> TrainResult:
 def save_checkpoint(root: Path, model: Clara, optimizer, scaler, position: Position, args, dist: DistInfo,
                     identity: dict[str, Any]) -> None:
     """Every rank takes part (sharded weights and optimizer state are gathered); rank 0 writes."""
-    from clara.recipes.train_state import (capture_rng, prune_checkpoints, save_rng, save_train_state,
-                                     write_checkpoint_atomically)
-
     rngs = gather_objects(capture_rng(), dist)
     optimizer_state = _OptimizerSnapshot(
         (FullStateOptimizer(optimizer) if is_sharded(model) else optimizer).state_dict(), type(optimizer).__name__)
@@ -369,31 +374,17 @@ class _OptimizerSnapshot:
 
 def restore_weights(directory: Path, model: Clara) -> None:
     """Adapters and memory embeddings of a step checkpoint, into a model not yet sharded."""
-    from clara.checkpoint import (ADAPTERS_FILE, EMBEDDINGS_FILE, _load_tensors, read_checkpoint_meta,
-                                  split_by_adapter)
-    from clara.lora import load_adapter_state_dict
-
-    meta = read_checkpoint_meta(directory / "model")
-    adapters = _load_tensors(directory / "model" / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
-    embeddings = _load_tensors(directory / "model" / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
-    for name, state in split_by_adapter(adapters).items():
-        load_adapter_state_dict(model.decoder, name, state)
-    with torch.no_grad():
-        model.memory_embeddings.copy_(embeddings["memory_embeddings"])
+    load_trained_weights(directory / "model", model)
 
 
 def read_run_identity(directory: Path) -> dict[str, Any] | None:
     """The run identity a step checkpoint recorded (None if it recorded none)."""
-    from clara.recipes.train_state import STATE_FILE
-
     state = read_json(directory / STATE_FILE, CheckpointError)
     extra = state.get("extra")
     return extra.get("run") if isinstance(extra, dict) else None
 
 
 def restore_training_state(directory: Path, model: Clara, optimizer, scaler, dist: DistInfo) -> Position:
-    from clara.recipes.train_state import load_train_state, restore_rng
-
     view = FullStateOptimizer(optimizer) if is_sharded(model) else optimizer
     state = load_train_state(directory, view, rank=dist.rank)
     if scaler is not None and state.get("scaler"):
@@ -446,33 +437,35 @@ def _read_history(path: Path, up_to_step: int) -> list[StepResult]:
 @torch.no_grad()
 def _evaluate(model: Clara, module, examples, args, precision, device, dist: DistInfo, save_path: Path,
               position: Position) -> None:
-    """Mean loss over the evaluation set; with --do_eval_gen, a few generations and their F1."""
+    """The training loss over the whole evaluation set, as if it were one global batch; with
+    --do_eval_gen, a few generations and their F1."""
     was_training = model.training
     model.eval()
-    lm_sum, tokens, other, n = 0.0, 0, 0.0, 0
+    stage = get_stage(args.stage)
+    totals = dict.fromkeys(stage.losses, 0.0)  # the same names in the same order on every rank
+    kinds: dict[str, LossTerm] = {}  # each term's weight and normaliser, as the model gives them
+    tokens, n = 0, 0
     for chunk in ds.micro_batches(ds.rank_slice(list(range(len(examples))), dist.rank, dist.world_size),
                                   args.micro_train_batch_size):
         batch = model.collate([examples[i] for i in chunk], max_len=args.max_len)
         with precision.autocast(device):
-            loss, aux = model(batch)
-        if aux.get("lm_loss_sum") is not None:
-            lm_sum += float(aux["lm_loss_sum"])
-            tokens += aux["n_tokens"]
-        else:
-            other += float(loss)
-            n += 1
-    lm_sum, tokens = all_reduce_sum(lm_sum, dist, device), all_reduce_sum(tokens, dist, device)
-    other, n = all_reduce_sum(other, dist, device), all_reduce_sum(n, dist, device)
-    eval_loss = lm_sum / tokens if tokens else other / max(n, 1)
+            _, aux = model(batch)
+        for term in aux["loss_terms"]:
+            totals[term.name] += float(term.value)
+            kinds[term.name] = term
+        tokens += batch.n_target_tokens
+        n += 1
+    tokens, n = all_reduce_sum(tokens, dist, device), all_reduce_sum(n, dist, device)
+    totals = {name: all_reduce_sum(value, dist, device) for name, value in totals.items()}
+    # A process given no evaluation example saw no terms; only the main process reports.
+    eval_loss = float(combine_loss_terms([replace(term, value=torch.tensor(totals[name]))
+                                          for name, term in kinds.items()], int(tokens), int(n))) if kinds else None
     row: dict[str, Any] = {"step": position.global_step, "eval_loss": eval_loss}
-    stage = get_stage(args.stage)
     if args.do_eval_gen and is_sharded(model) and dist.is_main:
         log.info("--do_eval_gen: sample generations are skipped under FSDP2 (rank 0 alone cannot run a "
                  "sharded model); run clara.recipes.evaluate on the saved checkpoint instead")
-    elif args.do_eval_gen and dist.is_main and stage.generates and stage.data_format != "stage1":
+    elif args.do_eval_gen and dist.is_main and stage.generates and not stage.typed_rows:
         # stage-1 rows hold no single question to answer
-        from clara.data.metrics import answer_scores
-
         sample = examples[: min(4, len(examples))]
         questions = [e.question for e in sample]
         docs = [list(e.docs) for e in sample]

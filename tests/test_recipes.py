@@ -85,6 +85,20 @@ def test_resume_continues_the_loss_curve_exactly(setup, tmp_path):
     assert logged == pytest.approx(straight, abs=1e-6)  # metrics.jsonl holds one row per step
 
 
+def test_the_schedule_follows_max_steps(setup, tmp_path):
+    from clara.recipes.schedule import lr_at
+
+    base, data = setup
+    flags = argv(base, data, "stage1_2", tmp_path, "--train_batch_size", "2", "--micro_train_batch_size", "2",
+                 "--max_epochs", "3", "--max_steps", "4", "--learning_rate", "1e-3", "--lr_warmup_ratio", "0.25")
+    flags[flags.index("--lr_scheduler") + 1] = "cosine_with_min_lr"
+    train(parse_args(flags))
+    logged = [m["lr"] for m in metrics(tmp_path / "run")]
+    # 4 steps of an 18-step run: warmup (1 step) and cosine decay are laid over the 4 steps
+    assert logged == pytest.approx([lr_at(i, 4, 1e-3, warmup_ratio=0.25) for i in range(4)], rel=1e-12)
+    assert logged[-1] < logged[1]
+
+
 def test_gradient_accumulation_4x1_equals_1x4(setup, tmp_path):
     base, data = setup
     common = ["--train_batch_size", "4", "--max_epochs", "1", "--learning_rate", "1e-2", "--mse_loss", "--qa_loss"]
@@ -101,7 +115,7 @@ def test_checkpoints_keep_the_newest_and_skip_half_written(setup, tmp_path):
     train(parse_args(argv(base, data, "stage1_2", tmp_path, "--train_batch_size", "2", "--micro_train_batch_size", "2",
                           "--max_epochs", "1", "--save_steps", "1", "--max_ckpt_num", "2")))
     steps = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_"))
-    assert steps == ["step_4", "step_5"]  # 6 steps; the last step is the final model, not a checkpoint
+    assert steps == ["step_5", "step_6"]  # 6 steps; the last one is a step checkpoint too, so the run can go on
 
 
 def test_a_run_keeps_its_checkpoints_and_refuses_another_runs(setup, tmp_path):
