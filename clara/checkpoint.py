@@ -278,13 +278,13 @@ def load_trained_weights(path: str | os.PathLike, model: "Clara") -> None:
     meta = read_checkpoint_meta(path)
     adapters = _load_tensors(path / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
     embeddings = _load_tensors(path / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
-    for name, state in split_by_adapter(adapters).items():
-        _load_adapter(model, name, state, path / ADAPTERS_FILE)
     memory = embeddings.get("memory_embeddings")
     if memory is None or memory.shape != model.memory_embeddings.shape:
         raise CheckpointError(f"{path / EMBEDDINGS_FILE}: memory_embeddings of shape "
                               f"{None if memory is None else list(memory.shape)}, the model needs "
                               f"{list(model.memory_embeddings.shape)}")
+    for name, state in split_by_adapter(adapters).items():
+        _load_adapter(model, name, state, path / ADAPTERS_FILE)
     model.memory_embeddings.copy_(memory)
 
 

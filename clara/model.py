@@ -177,7 +177,8 @@ class Clara(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "Clara":
-        """A saved Clara checkpoint (see clara.checkpoint.load_clara for the options)."""
+        """A saved Clara checkpoint, or a training run's folder (its final/ model); the options
+        (base, base_model, training_stage, settings, dtype, device) are clara.checkpoint.load_clara's."""
         return load_clara(cls, path, **kwargs)
 
     def save_pretrained(self, path) -> None:

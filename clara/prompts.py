@@ -276,13 +276,13 @@ def prompt_for_example(example: Any, tokenizer: Tokenizer, config: ClaraConfig, 
     stage = get_stage(config.training_stage)
     if not stage.generates:
         raise ValueError(f"training_stage {stage.name!r} trains retrieval only and has no decoder prompt")
-    if stage.data_format == "stage1":
+    if stage.typed_rows:
         if example.data_type == "paraphrase":
             return stage1_paraphrase_prompt(tokenizer, config, example.answers[0], rng, len(example.docs), texts)
         return stage1_qa_prompt(tokenizer, config, example.questions, example.answers, len(example.docs), texts)
-    if stage.data_format == "stage1_2":
-        return instruction_prompt(tokenizer, config, example.question, example.answer, len(example.docs), texts)
-    return end_to_end_prompt(tokenizer, config, example.question, example.answer, texts)
+    if stage.retrieves:  # the generator reads the generation_top_k documents the retriever picks
+        return end_to_end_prompt(tokenizer, config, example.question, example.answer, texts)
+    return instruction_prompt(tokenizer, config, example.question, example.answer, len(example.docs), texts)
 
 
 # ---------------------------------------------------------------------------------------------

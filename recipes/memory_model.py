@@ -318,7 +318,7 @@ def estimate_peak_memory(decoder_config: DecoderConfig, *, stage: str = "stage1"
     n_mem = doc_max_length // compress_rate
     enc_width = doc_max_length + 3 + n_mem
     if n_docs_per_example is None:
-        n_docs_per_example = 1 if spec.data_format == "stage1" else generation_top_k  # stage1 rows hold one
+        n_docs_per_example = 1 if spec.typed_rows else generation_top_k  # stage1 rows hold one
 
     passes: list[PassPlan] = []
     ckpt = gradient_checkpointing

@@ -222,3 +222,35 @@ def test_stage2_from_a_stage1_checkpoint_copies_the_trained_compressor_into_the_
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == expected_trained("stage2")
     loss, _ = loaded(loaded.collate(EXAMPLES["stage2"]))
     assert bool(torch.isfinite(loss))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a training run takes from a checkpoint
+# ---------------------------------------------------------------------------------------------
+def test_a_run_s_settings_build_the_loaded_model_and_the_rest_comes_from_the_checkpoint(stage1_checkpoint):
+    model, path = stage1_checkpoint
+    loaded = load(path, settings={"generation_top_k": 3, "mse_loss": False, "qa_loss": True})
+    assert (loaded.config.generation_top_k, loaded.config.mse_loss, loaded.config.qa_loss) == (3, False, True)
+    assert {k: v for k, v in loaded.config.to_dict().items() if k not in ("generation_top_k", "mse_loss", "qa_loss")} \
+        == {k: v for k, v in model.config.to_dict().items() if k not in ("generation_top_k", "mse_loss", "qa_loss")}
+    assert_same_adapter(model, loaded, ENCODER)
+    assert_same_adapter(model, loaded, DECODER)
+
+
+def test_load_trained_weights_puts_a_run_s_adapters_and_memory_into_a_fresh_model(stage1_checkpoint, tmp_path):
+    model, path = stage1_checkpoint
+    decoder, tokenizer = tiny_base(0, False)
+    fresh = Clara.from_decoder(decoder, tokenizer, ClaraConfig(**TINY, training_stage="stage1", mse_loss=True))
+    assert not torch.equal(fresh.memory_embeddings, model.memory_embeddings)
+    clara.checkpoint.load_trained_weights(path, fresh)
+    assert_same_adapter(model, fresh, ENCODER)
+    assert_same_adapter(model, fresh, DECODER)
+    assert torch.equal(fresh.memory_embeddings, model.memory_embeddings)
+    # a model of another shape is refused before anything is written into it
+    decoder, tokenizer = tiny_base(0, False)
+    other = Clara.from_decoder(decoder, tokenizer, ClaraConfig(**{**TINY, "compress_rate": 8}))
+    before = {k: t.detach().clone() for k, t in adapter_tensors(other, ENCODER).items()}
+    with pytest.raises(CheckpointError, match=r"embeddings\.safetensors: memory_embeddings of shape \[4, 48\], "
+                                              r"the model needs \[2, 48\]$"):
+        clara.checkpoint.load_trained_weights(path, other)
+    assert all(torch.equal(t, adapter_tensors(other, ENCODER)[k]) for k, t in before.items())
