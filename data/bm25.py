@@ -16,8 +16,8 @@ always gives the same tokens.
 The index is a compressed sparse layout built with numpy: for each term, the ids of the
 documents containing it and the term's precomputed BM25 weight in each. A query adds, for each
 of its terms, that term's weights into a dense score vector: the cost is the total length of
-the query terms' posting lists, so scoring every question of MedQuAD (14.9k questions over its
-14.3k answers) takes seconds. Ties in score rank the lower document index first.
+the query terms' posting lists, not the size of the corpus, so the converters can score every
+question against every document of a dataset. Ties in score rank the lower document index first.
 """
 
 from __future__ import annotations

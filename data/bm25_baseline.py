@@ -1,12 +1,13 @@
 """BM25 as a retriever on the candidates of stage2 files: recall@1/3/5, precision@1/3/5, MRR.
 
-    python -m clara.data.bm25_baseline FILE [FILE ...] --stage stage2 --out results/bm25
+    clara-data bm25 FILE [FILE ...] --out results/bm25
+    python -m clara.data.bm25_baseline FILE [FILE ...] --out results/bm25
 
 For each row, BM25 ranks that row's own candidates (`docs`) for its question, and the ranking is
 scored against `pos_index` with `clara.data.metrics.retrieval_scores` - the same candidates and the
 same metrics the end-to-end model is judged on. The BM25 statistics (document frequencies,
-average length) come from all distinct candidate texts of the file, not from the 20 candidates
-of one row alone, which would make idf meaningless. Candidates with equal scores keep their
+average length) come from all distinct candidate texts of the file, not from the candidates of
+one row alone, too few to make idf meaningful. Candidates with equal scores keep their
 order in the row, whose positions were shuffled by the converters, so ties are not in BM25's
 favour. Writes PREFIX.json and PREFIX.md atomically and prints the Markdown table.
 """
@@ -19,14 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clara.files import atomic_write_json, atomic_write_text
 from clara.data.bm25 import BM25Index
-from clara.data.formats import Stage2Example, ValidationError, read_stage_file
+from clara.data.cli import command_parser
+from clara.data.formats import Stage2Example, ValidationError, example_class, read_stage_file
 from clara.data.metrics import RETRIEVAL_KS, retrieval_scores
-from clara.stages import STAGES
+from clara.files import atomic_write_json, atomic_write_text
+from clara.stages import STAGE_NAMES
 
-# The stages whose rows hold candidates to rank.
-BASELINE_STAGES = tuple(name for name, stage in STAGES.items() if stage.data_format == "stage2")
+# The stages whose rows hold candidates to rank (the stage2 layout), in the stage table's order.
+BASELINE_STAGES = tuple(name for name in STAGE_NAMES if example_class(name) is Stage2Example)
 
 
 def bm25_rankings(examples: Sequence[Stage2Example], k1: float = 1.2, b: float = 0.75) -> list[list[int]]:
@@ -68,18 +70,26 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clara-data bm25",
-        description="BM25 retrieval baseline on the candidates of stage2 files "
-                    "(recall@1/3/5, precision@1/3/5, MRR against pos_index).")
-    parser.add_argument("files", nargs="+", metavar="FILE", help="stage2 JSONL file(s) with pos_index")
-    parser.add_argument("--stage", choices=BASELINE_STAGES, default="stage2",
-                        help="layout to read the files as (both use the stage2 layout)")
-    parser.add_argument("--out", default=None,
-                        help="write PREFIX.json and PREFIX.md (default: bm25_baseline in the "
-                             "current folder)")
-    parser.add_argument("--k1", type=float, default=1.2, help="BM25 term-frequency saturation")
-    parser.add_argument("--b", type=float, default=0.75, help="BM25 length normalisation")
+    parser = command_parser(
+        "bm25",
+        "BM25 retrieval baseline: rank each row's own candidates (docs) of stage2-layout files for "
+        "its question and score the ranking against pos_index (recall@1/3/5, precision@1/3/5, "
+        "MRR). Prints a Markdown table and writes it, with the numbers as JSON, to PREFIX.md and "
+        "PREFIX.json.")
+    parser.add_argument("files", nargs="+", metavar="FILE",
+                        help="stage2-layout JSONL file(s); every row needs pos_index")
+    parser.add_argument("--stage", choices=BASELINE_STAGES, default=BASELINE_STAGES[0],
+                        help="the stage the files are validated as; each of these uses the stage2 "
+                             "layout (default: %(default)s)")
+    parser.add_argument("--out", default="bm25_baseline", metavar="PREFIX",
+                        help="where to write PREFIX.json and PREFIX.md (default: %(default)s, in "
+                             "the current folder)")
+    parser.add_argument("--k1", type=float, default=1.2,
+                        help="BM25 term-frequency saturation: how much a repeated query word in "
+                             "a document still adds (default: %(default)s)")
+    parser.add_argument("--b", type=float, default=0.75,
+                        help="BM25 length normalisation, 0 (none) to 1 (full): how much a long "
+                             "document's score is scaled down (default: %(default)s)")
     return parser
 
 
@@ -90,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    prefix = Path(args.out if args.out is not None else "bm25_baseline")
+    prefix = Path(args.out)
     table = markdown_table(results)
     atomic_write_json(prefix.with_name(prefix.name + ".json"), results)
     atomic_write_text(prefix.with_name(prefix.name + ".md"), table)

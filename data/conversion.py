@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clara.data.formats import Example, Stage1Example, write_stage_file
 from clara.files import atomic_write_json
-from clara.data.formats import Example, write_stage_file
 from clara.stages import DATA_FORMATS
 
-OUTPUT_STAGES = DATA_FORMATS  # one file per data format of the stage table
+# One output file per data format of the stage table, named after it. Each format is named after
+# the first stage that uses it, so the name is also the stage its file is validated as.
+OUTPUT_STAGES = DATA_FORMATS
 SPLITS = ("train", "dev")
 
 
@@ -71,14 +73,15 @@ def word_count(text: str) -> int:
 
 @dataclass
 class StageOutputs:
-    """The examples a converter produced, by stage and split, plus counters for the summary."""
+    """The examples a converter produced, by data format and split, plus counters for the summary."""
 
     examples: dict[tuple[str, str], list[Example]] = field(
         default_factory=lambda: {(stage, split): [] for stage in OUTPUT_STAGES for split in SPLITS})
     counters: dict[str, int] = field(default_factory=dict)
 
-    def add(self, stage: str, split: str, example: Example) -> None:
-        self.examples[(stage, split)].append(example)
+    def add(self, split: str, example: Example) -> None:
+        """File `example` under `split` in the output file of its class's data format."""
+        self.examples[(example.data_format, split)].append(example)
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount
@@ -92,15 +95,18 @@ def write_outputs(out_dir: str | os.PathLike, outputs: StageOutputs, settings: d
                   top_k: int) -> dict[str, Any]:
     """Write every non-empty (stage, split) file and summary.json, all atomically.
 
-    Each file is validated as it is written (stage1_2 with --top_k, stage2 with at least top_k
-    candidates). Returns the summary: the row count of each file and the settings used.
+    Each file is validated as it is written: stage1_2 rows with exactly `top_k` documents,
+    stage2 rows with at least `top_k` candidates. Stage1 rows hold the documents their questions
+    are about, however many (only equal counts are checked). Returns the summary: the row count of
+    each file and the settings used.
     """
     rows: dict[str, int] = {}
     for (stage, split), examples in outputs.examples.items():
         if not examples:
             continue
         path = output_path(out_dir, stage, split)
-        rows[path.name] = write_stage_file(path, examples, stage, top_k if stage != "stage1" else None)
+        count_rule = None if isinstance(examples[0], Stage1Example) else top_k
+        rows[path.name] = write_stage_file(path, examples, stage, count_rule)
     summary = {"files": rows, "counters": dict(sorted(outputs.counters.items())), "settings": settings}
     atomic_write_json(Path(out_dir) / "summary.json", summary)
     return summary

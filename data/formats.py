@@ -1,27 +1,32 @@
 """The stage JSONL formats of CLaRa training, read and written as typed examples.
 
 One JSON object per line. The layouts follow the official release (apple/ml-clara), whose loader
-accepts several names for the same field; we accept the same names:
+accepts several names for the same field; we accept the same names. There are three layouts
+(data formats); which one a stage's files follow is its `Stage.data_format` in the stage table,
+clara/stages.py (`example_class(stage)` gives the class):
 
-| stage | layout | example class |
+| data format | layout | example class |
 |---|---|---|
 | stage1 (compression pretraining) | `{data_type: qa or paraphrase, question: [q..], answers: [a..], docs: [doc..]}` | `Stage1Example` |
 | stage1_2 (instruction tuning) | `{question, docs: [k docs], answer and/or gold_answer}` | `Stage1_2Example` |
-| stage2, stage2_pretrain_retrieval (end to end) | `{question, docs: [N candidates], answer and/or gold_answer, pos_index: [i..]}` | `Stage2Example` |
+| stage2 (end to end, and retrieval pretraining) | `{question, docs: [N candidates], answer and/or gold_answer, pos_index: [i..]}` | `Stage2Example` |
 
 Field names accepted:
 - documents: `docs`, `context` or `content` (exactly one of them; a list of non-empty strings);
 - stage1 answers: `answers`, `golden_answers`, `gold_answer` or `answer` (the first present;
   a list, one answer per question; a bare string counts as a one-item list, as does a bare
-  string `question`);
+  string `question`). `data_type` defaults to qa. A paraphrase row's `question` is ignored
+  whatever it holds, as the official reader never reads it (its target is the first answer);
 - stage1_2 / stage2: `answer` is the generation target; `gold_answer`, `golden_answers` and
   `answers` (a string or a list of strings) are reference answers for scoring. Each example
   keeps the target (`answer`: the `answer` field, else the first reference) and every
   reference (`gold_answers`: all references in field order, else the target alone).
-- `pos_index`: the indices of the positive candidates; required for stage2_pretrain_retrieval,
-  optional for stage2 (the official end-to-end example files have none), never empty when given.
+- `pos_index`: the indices of the positive candidates; required for a stage whose loss is
+  retrieval (stage2_pretrain_retrieval), optional otherwise (the official end-to-end example
+  files have none), never empty when given.
 - `id`: optional, a string or an integer, kept as a string (our converters write it).
-Any other field is ignored, as the official loader does.
+Any other field is ignored, as the official loader does. Field types are checked, and worded in
+messages, by clara.data.json_fields like every other JSON input of clara.data.
 
 Document counts: stage1 and stage1_2 rows must hold exactly `top_k` documents when a top_k is
 given, and otherwise the same number on every row (the collator stacks them per batch); stage2
@@ -38,12 +43,12 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
-from clara.stages import STAGE_NAMES, get_stage
+from clara.data.json_fields import FieldChecker, json_type_name
 from clara.files import atomic_write_jsonl
+from clara.stages import get_stage
 
-STAGES = STAGE_NAMES  # from the stage table, clara/stages.py
 DATA_TYPES = ("qa", "paraphrase")
 DOC_FIELDS = ("docs", "context", "content")
 STAGE1_ANSWER_FIELDS = ("answers", "golden_answers", "gold_answer", "answer")
@@ -84,6 +89,7 @@ class ValidationError(ValueError):
 class Stage1Example:
     """Compression pretraining: one or more documents and QA pairs (or a paraphrase) about them."""
 
+    data_format: ClassVar[str] = "stage1"
     data_type: str  # "qa": answer each question from the memory; "paraphrase": restate the docs
     questions: tuple[str, ...]  # empty for paraphrase rows
     answers: tuple[str, ...]  # one per question for "qa"; answers[0] is the target for "paraphrase"
@@ -102,6 +108,7 @@ class Stage1Example:
 class Stage1_2Example:
     """Instruction tuning: a question, its k documents, the target answer and the references."""
 
+    data_format: ClassVar[str] = "stage1_2"
     question: str
     docs: tuple[str, ...]
     answer: str  # the generation target
@@ -120,6 +127,7 @@ class Stage1_2Example:
 class Stage2Example:
     """End to end: a question, N candidate documents, which of them are positive, the answer."""
 
+    data_format: ClassVar[str] = "stage2"
     question: str
     docs: tuple[str, ...]  # the N candidates the query reasoner selects top-k from
     answer: str
@@ -138,66 +146,32 @@ class Stage2Example:
 
 
 Example = Union[Stage1Example, Stage1_2Example, Stage2Example]
-# The example class of each data format (a stage's rows follow its Stage.data_format).
-FORMAT_CLASS = {"stage1": Stage1Example, "stage1_2": Stage1_2Example, "stage2": Stage2Example}
+# The example class of each data format; which format a stage's rows follow is the stage table's
+# `Stage.data_format` (clara/stages.py), read through `example_class`.
+FORMAT_CLASS: dict[str, type] = {cls.data_format: cls
+                                 for cls in (Stage1Example, Stage1_2Example, Stage2Example)}
 
 
 def check_stage(stage: str) -> None:
     get_stage(stage)  # a ValueError listing the stages
 
 
-def json_type_name(value: Any) -> str:
-    """The JSON name of a Python value's type, as used in messages ("got array")."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+def example_class(stage: str) -> type:
+    """The example class whose layout the rows of `stage` follow (a ValueError for an unknown
+    stage)."""
+    return FORMAT_CLASS[get_stage(stage).data_format]
 
 
-class _RowChecker:
-    """Collects the problems of one row while its fields are converted."""
+class _RowChecker(FieldChecker):
+    """Collects the problems of one row, as `Problem`s, while its fields are converted."""
 
     def __init__(self, path: str, line: int | None):
+        super().__init__(self.add)
         self.path, self.line = path, line
         self.problems: list[Problem] = []
 
     def add(self, field_name: str, message: str) -> None:
         self.problems.append(Problem(self.path, self.line, field_name, message))
-
-    def string(self, value: Any, field_name: str) -> str | None:
-        """A non-empty string, or None after recording why not."""
-        if not isinstance(value, str):
-            self.add(field_name, f"expected a string, got {json_type_name(value)}")
-            return None
-        if not value.strip():
-            self.add(field_name, "empty string")
-            return None
-        return value
-
-    def string_list(self, value: Any, field_name: str, *, bare_string_ok: bool,
-                    empty_ok: bool = False) -> tuple[str, ...] | None:
-        """A list of non-empty strings (a bare string as a one-item list if allowed)."""
-        if isinstance(value, str) and bare_string_ok:
-            item = self.string(value, field_name)
-            return None if item is None else (item,)
-        if not isinstance(value, list):
-            expected = "a string or a list of strings" if bare_string_ok else "a list of strings"
-            self.add(field_name, f"expected {expected}, got {json_type_name(value)}")
-            return None
-        if not value and not empty_ok:
-            self.add(field_name, "empty list")
-            return None
-        items = [self.string(item, f"{field_name}[{i}]") for i, item in enumerate(value)]
-        return None if any(item is None for item in items) else tuple(items)
 
     def docs(self, row: dict[str, Any]) -> tuple[str, ...] | None:
         present = [name for name in DOC_FIELDS if name in row]
@@ -220,10 +194,8 @@ class _RowChecker:
 
 def _parse_stage1(row: dict[str, Any], check: _RowChecker) -> Stage1Example | None:
     data_type = row.get("data_type", "qa")  # the official loader's default
-    if not isinstance(data_type, str):
-        check.add("data_type", f"expected a string, got {json_type_name(data_type)}")
-        data_type = None
-    elif data_type not in DATA_TYPES:
+    data_type = check.string(data_type, "data_type", empty_ok=True)
+    if data_type is not None and data_type not in DATA_TYPES:
         check.add("data_type", f"{data_type!r} is not one of 'qa', 'paraphrase'")
         data_type = None
     docs = check.docs(row)
@@ -237,7 +209,10 @@ def _parse_stage1(row: dict[str, Any], check: _RowChecker) -> Stage1Example | No
 
     questions: tuple[str, ...] | None = ()
     if data_type == "paraphrase":
-        pass  # paraphrase rows restate the documents: the official reader ignores any question, so do we
+        # A paraphrase row restates its documents. The official reader does not read `question`
+        # on a row whose data_type is "paraphrase" (it uses ""), so any value, or none, is
+        # accepted here and dropped: [""], "", null, [] or a list of anything.
+        pass
     elif "question" not in row:
         check.add("question", "missing")
         questions = None
@@ -269,8 +244,7 @@ def _parse_answers(row: dict[str, Any], check: _RowChecker) -> tuple[str | None,
 
 
 def _parse_pos_index(value: Any, n_docs: int | None, check: _RowChecker) -> tuple[int, ...] | None:
-    if not isinstance(value, list):
-        check.add("pos_index", f"expected a list of integers, got {json_type_name(value)}")
+    if check.array(value, "pos_index", "integers") is None:
         return None
     if not value:
         check.add("pos_index", "empty list (a row needs at least one positive candidate)")
@@ -279,8 +253,7 @@ def _parse_pos_index(value: Any, n_docs: int | None, check: _RowChecker) -> tupl
     ok = True
     for i, item in enumerate(value):
         name = f"pos_index[{i}]"
-        if isinstance(item, bool) or not isinstance(item, int):
-            check.add(name, f"expected an integer, got {json_type_name(item)}")
+        if check.integer(item, name) is None:
             ok = False
         elif n_docs is not None and not 0 <= item < n_docs:
             check.add(name, f"{item} is out of range for {n_docs} docs (0..{n_docs - 1})")
@@ -306,8 +279,8 @@ def _parse_question_row(row: dict[str, Any], stage: str, check: _RowChecker) -> 
     docs = check.docs(row)
     answer, references = _parse_answers(row, check)
     pos_index: tuple[int, ...] | None = ()
-    data_format = get_stage(stage).data_format
-    if data_format == "stage2":
+    cls = example_class(stage)
+    if cls is Stage2Example:
         if "pos_index" in row:
             pos_index = _parse_pos_index(row["pos_index"], len(docs) if docs else None, check)
         elif "retrieval" in get_stage(stage).losses:
@@ -315,7 +288,7 @@ def _parse_question_row(row: dict[str, Any], stage: str, check: _RowChecker) -> 
     row_id = check.row_id(row)
     if check.problems:
         return None
-    if data_format == "stage1_2":
+    if cls is Stage1_2Example:
         return Stage1_2Example(question, docs, answer, references, row_id)
     return Stage2Example(question, docs, answer, references, pos_index, row_id)
 
@@ -328,10 +301,9 @@ def parse_stage_row(row: Any, stage: str, path: str = "<row>", line: int | None 
     """
     check_stage(stage)
     check = _RowChecker(path, line)
-    if not isinstance(row, dict):
-        check.add(ROW_FIELD, f"expected a JSON object, got {json_type_name(row)}")
+    if check.object(row, ROW_FIELD) is None:
         return None, check.problems
-    if get_stage(stage).data_format == "stage1":
+    if example_class(stage) is Stage1Example:
         example = _parse_stage1(row, check)
     else:
         example = _parse_question_row(row, stage, check)
@@ -342,7 +314,7 @@ def _count_problem(example: Example, stage: str, top_k: int | None,
                    first: tuple[int, int] | None) -> str | None:
     """Why this row's number of documents is wrong, or None. `first` = (line, count) of row one."""
     n_docs = len(example.docs)
-    if get_stage(stage).data_format != "stage2":
+    if example_class(stage) is not Stage2Example:
         if top_k is not None and n_docs != top_k:
             return f"{n_docs} documents, expected --top_k {top_k}"
         if top_k is None and first is not None and n_docs != first[1]:
@@ -446,7 +418,7 @@ def write_stage_file(path: str | os.PathLike, examples: Iterable[Example], stage
     """
     check_stage(stage)
     path = os.fspath(path)
-    expected_class = FORMAT_CLASS[get_stage(stage).data_format]
+    expected_class = example_class(stage)
     rows: list[dict[str, Any]] = []
     problems: list[Problem] = []
     for index, example in enumerate(examples):

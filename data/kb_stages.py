@@ -1,7 +1,8 @@
 """NutriBot's knowledge base -> CLaRa stage files (stage1, stage1_2, stage2; train and dev).
 
-    clara-data kb --out DIR             (python -m clara.data.kb_stages --out DIR)
+    clara-data kb --out DIR             write the stage files
     clara-data kb --coverage            which documents cover each required interaction
+    (or python -m clara.data.kb_stages with the same flags)
 
 stage1 holds one row per document with its QA pairs; stage1_2 and stage2 hold one row per
 question, with the question's own document among the best word-overlap hard negatives at a
@@ -18,12 +19,15 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from clara.data.cli import command_parser
 from clara.data.conversion import StageOutputs, write_outputs
 from clara.data.formats import Stage1_2Example, Stage1Example, Stage2Example
 from clara.data.knowledge_base import (KBDocument, KnowledgeBaseError, QAPair, coverage_report,
                                        format_coverage_report, load_knowledge_base)
 
-# Words too common to say anything about which document a question is about.
+# Words too common to say anything about which document a question is about. A list of its own,
+# not clara.data.bm25.STOPWORDS: the hard negatives are ranked by the overlap of the remaining
+# words, so the stage files written depend on exactly this list.
 STOPWORDS = frozenset(
     """a about above after again all also am an and any are as at be because been before being
     below between both but by can could did do does doing down during each few for from further
@@ -115,18 +119,18 @@ def build_stage_examples(documents: Sequence[KBDocument], config: ConversionConf
         for split in ("train", "dev"):
             pairs = [qa for i, qa in enumerate(doc.questions) if ((doc.id, i) in dev_keys) == (split == "dev")]
             if pairs:
-                outputs.add("stage1", split, Stage1Example("qa", tuple(qa.question for qa in pairs),
-                                                           tuple(qa.answer for qa in pairs), (doc.text,)))
+                outputs.add(split, Stage1Example("qa", tuple(qa.question for qa in pairs),
+                                                 tuple(qa.answer for qa in pairs), (doc.text,)))
         for index, qa in enumerate(doc.questions):
             key = (doc.id, index)
             split = "dev" if key in dev_keys else "train"
             negatives = rank_negatives(qa, doc, documents, word_sets)
             top, _ = _candidate_list(doc, negatives, config.top_k, config.seed, key)
-            outputs.add("stage1_2", split, Stage1_2Example(qa.question, tuple(d.text for d in top), qa.answer,
-                                                           (qa.answer,)))
+            outputs.add(split, Stage1_2Example(qa.question, tuple(d.text for d in top), qa.answer,
+                                               (qa.answer,)))
             candidates, position = _candidate_list(doc, negatives, config.n_candidates, config.seed, key)
-            outputs.add("stage2", split, Stage2Example(qa.question, tuple(d.text for d in candidates), qa.answer,
-                                                       (qa.answer,), (position,)))
+            outputs.add(split, Stage2Example(qa.question, tuple(d.text for d in candidates), qa.answer,
+                                             (qa.answer,), (position,)))
     return outputs
 
 
@@ -143,21 +147,43 @@ def convert(documents: Sequence[KBDocument], out_dir, config: ConversionConfig) 
 # ----------------------------------------------------------------------------- command line
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     defaults = ConversionConfig()
-    parser = argparse.ArgumentParser(
-        prog="clara-data kb",
-        description="Validate NutriBot's nutrition knowledge base and write CLaRa stage files "
-        "(stage1, stage1_2, stage2; train and dev) from it, or print its interaction coverage. "
-        "Also: python -m clara.data.kb_stages.",
-    )
-    parser.add_argument("--kb", default=None, help="knowledge base folder or documents .jsonl file (default: the packaged data/nutrition_kb/)")
-    parser.add_argument("--out", default=None, help="folder to write stage1/stage1_2/stage2 _train/_dev .jsonl files into (required unless --coverage)")
-    parser.add_argument("--dev_fraction", type=float, default=defaults.dev_fraction, help="share of all questions held out for dev; the split is by question and every document stays a candidate (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and of the positive document's position (default: %(default)s)")
-    parser.add_argument("--n_candidates", type=int, default=defaults.n_candidates, help="stage2: documents per question, the positive plus word-overlap hard negatives (default: %(default)s)")
-    parser.add_argument("--top_k", type=int, default=defaults.top_k, help="stage1_2: documents per question, its own plus the best-overlapping others; match --generation_top_k (default: %(default)s)")
-    parser.add_argument("--coverage", action="store_true", help="print which documents cover each required diet-drug/diet-disease interaction, then exit")
+    parser = command_parser(
+        "kb",
+        "Validate NutriBot's nutrition knowledge base (every problem named by file, line and "
+        "field; exit status 2 if any) and write CLaRa stage files from it: stage1, stage1_2 and "
+        "stage2, train and dev, plus summary.json, each validated as it is written. The split "
+        "is by question and deterministic. With --coverage, print instead which documents cover "
+        "each diet-drug and diet-disease interaction NutriBot must know about (exit status 1 if "
+        "one is not covered).")
+    parser.add_argument("--kb", default=None, metavar="PATH",
+                        help="knowledge base folder (documents.jsonl and vocabulary.json) or a "
+                             "documents .jsonl file, checked against the vocabulary.json beside it "
+                             "or else the packaged one (default: the packaged data/nutrition_kb/)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder to write stage1/stage1_2/stage2 _train/_dev .jsonl files and "
+                             "summary.json into (created if missing; required unless --coverage)")
+    parser.add_argument("--dev_fraction", type=float, default=defaults.dev_fraction,
+                        help="share of all questions held out for dev, 0 to 1; the split is by "
+                             "question and every document stays a candidate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the split and of the positive document's position "
+                             "(default: %(default)s)")
+    parser.add_argument("--n_candidates", type=int, default=defaults.n_candidates,
+                        help="stage2: documents per question, the positive plus word-overlap hard "
+                             "negatives; at most the number of documents (default: %(default)s)")
+    parser.add_argument("--top_k", type=int, default=defaults.top_k,
+                        help="stage1_2: documents per question, its own plus the best-overlapping "
+                             "others; match training's --generation_top_k (default: %(default)s)")
+    parser.add_argument("--coverage", action="store_true",
+                        help="print which documents cover each required diet-drug/diet-disease "
+                             "interaction, then exit; no files are written")
+    return parser
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.out is None and not args.coverage:
         parser.error("--out is required unless --coverage is given")

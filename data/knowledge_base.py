@@ -8,6 +8,8 @@ The knowledge base lives in the folder ``data/nutrition_kb/`` next to this file:
 ``load_knowledge_base()`` reads and validates it and returns ``KBDocument`` dataclasses;
 ``coverage_report()`` lists, for each diet-drug / diet-disease interaction NutriBot must know
 about, the documents whose tags cover it. `clara.data.kb_stages` turns it into CLaRa stage files.
+Field types are checked, and worded in messages, by `clara.data.json_fields`, as in every other
+JSON reader of clara.data.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from clara.data.json_fields import FieldChecker
+from clara.files import read_json
 
 KB_DIR = Path(__file__).resolve().parent / "nutrition_kb"
 DOCUMENTS_FILE = "documents.jsonl"
@@ -154,50 +159,61 @@ class Vocabulary:
         return found
 
 
+def _checker(where: str, problems: list[str]) -> FieldChecker:
+    """A FieldChecker that adds `where: field: message` to `problems` (`where: message` for a
+    problem with the whole value, whose field is "")."""
+    return FieldChecker(lambda field, message: problems.append(f"{where}: {field}: {message}" if field
+                                                               else f"{where}: {message}"))
+
+
 def load_vocabulary(path: str | os.PathLike | None = None) -> Vocabulary:
     """Read and check ``vocabulary.json`` (default: the packaged one)."""
     path = Path(path) if path is not None else KB_DIR / VOCABULARY_FILE
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KnowledgeBaseError([f"{path}: vocabulary file not found"]) from None
-    except json.JSONDecodeError as err:
-        raise KnowledgeBaseError([f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})"]) from None
+    raw = read_json(path, error=lambda message: KnowledgeBaseError([message]))
     problems: list[str] = []
-    field_kinds = raw.get("fields") if isinstance(raw, dict) else None
-    if not isinstance(field_kinds, dict) or sorted(field_kinds) != sorted(TAG_FIELDS):
+    check = _checker(str(path), problems)
+    field_kinds = raw.get("fields")
+    if (not isinstance(field_kinds, dict) or sorted(field_kinds) != sorted(TAG_FIELDS)
+            or not all(isinstance(kind, str) for kind in field_kinds.values())):
         problems.append(f"{path}: fields: must map exactly {', '.join(TAG_FIELDS)} to a kind")
         field_kinds = {}
-    kinds_raw = raw.get("kinds") if isinstance(raw, dict) else None
-    if not isinstance(kinds_raw, dict):
-        raise KnowledgeBaseError(problems + [f"{path}: kinds: missing or not an object"])
+    if "kinds" not in raw:
+        raise KnowledgeBaseError(problems + [f"{path}: kinds: missing field"])
+    kinds_raw = check.object(raw["kinds"], "kinds")
+    if kinds_raw is None:
+        raise KnowledgeBaseError(problems)
     for field, kind in field_kinds.items():
         if kind not in kinds_raw:
             problems.append(f"{path}: fields.{field}: kind {kind!r} is not defined under kinds")
     terms: dict[str, dict[str, tuple[str, ...]]] = {}
     for kind, entry in kinds_raw.items():
-        where = f"{path}: kinds.{kind}.terms"
-        entries = entry.get("terms") if isinstance(entry, dict) else None
-        if not isinstance(entries, dict):
-            problems.append(f"{where}: missing or not an object")
+        label = f"kinds.{kind}.terms"
+        if check.object(entry, f"kinds.{kind}") is None:
+            continue
+        if "terms" not in entry:
+            problems.append(f"{path}: {label}: missing field")
+            continue
+        entries = check.object(entry["terms"], label)
+        if entries is None:
             continue
         seen: dict[str, str] = {}  # every name of this kind -> the canonical term it belongs to
         for canonical in entries:
             seen[canonical] = canonical
         kind_terms = {}
         for canonical, synonyms in entries.items():
+            where = f"{path}: {label}[{canonical!r}]"
             if canonical != normalize_term(canonical) or not canonical:
-                problems.append(f"{where}[{canonical!r}]: terms must be lowercase, trimmed and non-empty")
-            if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
-                problems.append(f"{where}[{canonical!r}]: synonyms must be a list of strings")
+                problems.append(f"{where}: terms must be lowercase, trimmed and non-empty")
+            synonyms = check.string_list(synonyms, f"{label}[{canonical!r}]", empty_ok=True)
+            if synonyms is None:
                 continue
             for synonym in synonyms:
-                if synonym != normalize_term(synonym) or not synonym:
-                    problems.append(f"{where}[{canonical!r}]: synonym {synonym!r} must be lowercase and trimmed")
+                if synonym != normalize_term(synonym):
+                    problems.append(f"{where}: synonym {synonym!r} must be lowercase and trimmed")
                 elif synonym in seen and seen[synonym] != canonical:
-                    problems.append(f"{where}[{canonical!r}]: synonym {synonym!r} already names {seen[synonym]!r}")
+                    problems.append(f"{where}: synonym {synonym!r} already names {seen[synonym]!r}")
                 seen.setdefault(synonym, canonical)
-            kind_terms[canonical] = tuple(synonyms)
+            kind_terms[canonical] = synonyms
         terms[kind] = kind_terms
     if problems:
         raise KnowledgeBaseError(problems)
@@ -216,21 +232,18 @@ def _resolve_paths(path: str | os.PathLike | None) -> tuple[Path, Path]:
     return path, beside if beside.exists() else KB_DIR / VOCABULARY_FILE
 
 
-def _string_field(row: dict, field: str, where: str, problems: list[str], label: str | None = None) -> str | None:
-    label = label or field  # how the field is named in messages, e.g. questions[1].answer
+def _string_field(row: dict, field: str, check: FieldChecker, label: str | None = None) -> str | None:
+    """The non-empty string `row[field]`; `label` names it in messages (e.g. questions[1].answer)."""
+    label = label or field
     if field not in row:
-        problems.append(f"{where}: {label}: missing field")
+        check.report(label, "missing field")
         return None
-    value = row[field]
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{where}: {label}: must be a non-empty string")
-        return None
-    return value
+    return check.string(row[field], label)
 
 
 def _parse_tags(raw, vocabulary: Vocabulary, where: str, problems: list[str]) -> DocumentTags | None:
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: tags: must be an object with fields {', '.join(TAG_FIELDS)}")
+    check = _checker(where, problems)
+    if check.object(raw, "tags") is None:
         return None
     for name in raw:
         if name not in TAG_FIELDS:
@@ -240,9 +253,8 @@ def _parse_tags(raw, vocabulary: Vocabulary, where: str, problems: list[str]) ->
         if field not in raw:
             problems.append(f"{where}: tags.{field}: missing field")
             continue
-        terms = raw[field]
-        if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
-            problems.append(f"{where}: tags.{field}: must be a list of strings")
+        terms = check.string_list(raw[field], f"tags.{field}", empty_ok=True)
+        if terms is None:
             continue
         kind = vocabulary.kind_of(field)
         for term in terms:
@@ -256,39 +268,38 @@ def _parse_tags(raw, vocabulary: Vocabulary, where: str, problems: list[str]) ->
         duplicates = sorted({t for t in terms if terms.count(t) > 1})
         if duplicates:
             problems.append(f"{where}: tags.{field}: repeated tag {duplicates[0]!r}")
-        values[field] = tuple(terms)
+        values[field] = terms
     if len(values) != len(TAG_FIELDS):
         return None
     return DocumentTags(**values)
 
 
 def _parse_questions(raw, where: str, problems: list[str]) -> tuple[QAPair, ...] | None:
-    if not isinstance(raw, list):
-        problems.append(f"{where}: questions: must be a list of {{question, answer}} objects")
+    check = _checker(where, problems)
+    if check.array(raw, "questions", "{question, answer} objects") is None:
         return None
     if len(raw) < MIN_QUESTIONS:
         problems.append(f"{where}: questions: needs at least {MIN_QUESTIONS} questions, got {len(raw)}")
     pairs = []
     for index, item in enumerate(raw):
-        if not isinstance(item, dict):
-            problems.append(f"{where}: questions[{index}]: must be an object with question and answer")
+        if check.object(item, f"questions[{index}]") is None:
             continue
-        question = _string_field(item, "question", where, problems, f"questions[{index}].question")
-        answer = _string_field(item, "answer", where, problems, f"questions[{index}].answer")
+        question = _string_field(item, "question", check, f"questions[{index}].question")
+        answer = _string_field(item, "answer", check, f"questions[{index}].answer")
         if question is not None and answer is not None:
             pairs.append(QAPair(question=question, answer=answer))
     return tuple(pairs)
 
 
 def _parse_document(row, vocabulary: Vocabulary, where: str, problems: list[str]) -> KBDocument | None:
-    if not isinstance(row, dict):
-        problems.append(f"{where}: expected a JSON object, got {type(row).__name__}")
+    check = _checker(where, problems)
+    if check.object(row, "") is None:
         return None
     before = len(problems)
     for name in row:
         if name not in DOCUMENT_FIELDS:
             problems.append(f"{where}: unknown field {name!r}")
-    strings = {name: _string_field(row, name, where, problems) for name in ("id", "title", "text", "source", "category")}
+    strings = {name: _string_field(row, name, check) for name in ("id", "title", "text", "source", "category")}
     if strings["category"] is not None and strings["category"] not in CATEGORIES:
         problems.append(f"{where}: category: unknown category {strings['category']!r} (expected one of {', '.join(CATEGORIES)})")
     if "tags" in row:
@@ -318,9 +329,13 @@ def load_knowledge_base(
     documents_path, vocabulary_path = _resolve_paths(path)
     vocabulary = vocabulary if vocabulary is not None else load_vocabulary(vocabulary_path)
     try:
-        lines = documents_path.read_text(encoding="utf-8").splitlines()
+        # Split on newlines only: str.splitlines would also split inside a JSON string holding
+        # U+2028 or another Unicode line separator, which JSON allows unescaped.
+        lines = documents_path.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise KnowledgeBaseError([f"{documents_path}: knowledge base file not found"]) from None
+    except UnicodeDecodeError as err:
+        raise KnowledgeBaseError([f"{documents_path}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
     problems: list[str] = []
     documents: list[KBDocument] = []
     first_line_of_id: dict[str, int] = {}

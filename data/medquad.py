@@ -1,11 +1,13 @@
 """MedQuAD question-answer pairs -> stage1, stage1_2 and stage2 JSONL files, with train/dev splits.
 
-    python -m clara.data.medquad --input ../shared/data/medquad/medquad_qa.jsonl --out_dir out/medquad
+    clara-data medquad --input ../shared/data/medquad/medquad_qa.jsonl --out_dir out/medquad
+    (or python -m clara.data.medquad with the same flags)
 
 Input: JSONL, one `{id, source, url, focus, qtype, question, answer}` per line (NIH pages; the
 answer is a whole passage). `question` and `answer` are required; a record without a focus uses
-its url as its topic; a question whose template lost its topic ("What is (are)  ?") is dropped. The answers are the documents: each distinct answer text (after
---max_doc_words) is one document, shared by every question it answers.
+its url as its topic; a question whose template lost its topic ("What is (are)  ?") is dropped.
+The answers are the documents: each distinct answer text (after --max_doc_words) is one
+document, shared by every question it answers.
 
 What is written:
 - stage1: the answers of one topic (same source and focus) are packed, in file order, into
@@ -40,11 +42,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clara.data.bm25 import BM25Index
+from clara.data.cli import command_parser
 from clara.data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
     write_outputs
 from clara.data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
+from clara.data.json_fields import FieldChecker
 
-REQUIRED_FIELDS = ("question", "answer")
+REQUIRED_FIELDS = ("question", "answer")  # non-empty strings
+OPTIONAL_FIELDS = ("source", "focus", "url")  # strings, possibly empty
 # A question template whose topic slot was left empty in the source ("What is (are)  ?",
 # "Who is at risk for ? ?"): such a question asks nothing, so it is dropped (and counted).
 TEMPLATE_HOLE = re.compile(r"\s{2}\?|\bfor \?")
@@ -92,6 +97,8 @@ def load_medquad(path: str | Path, max_rows: int | None = None) -> list[MedQuADR
     path = str(path)
     records: list[MedQuADRecord] = []
     problems: list[Problem] = []
+    line_number = 0
+    check = FieldChecker(lambda name, message: problems.append(Problem(path, line_number, name, message)))
     with open(path, encoding="utf-8") as stream:
         for line_number, text in enumerate(stream, start=1):
             if max_rows is not None and len(records) >= max_rows:
@@ -104,19 +111,18 @@ def load_medquad(path: str | Path, max_rows: int | None = None) -> list[MedQuADR
                 problems.append(Problem(path, line_number, "<row>",
                                         f"invalid JSON: {error.msg} (column {error.colno})"))
                 continue
-            if not isinstance(raw, dict):
-                problems.append(Problem(path, line_number, "<row>", "expected a JSON object"))
+            if check.object(raw, "<row>") is None:
                 continue
-            bad = [name for name in REQUIRED_FIELDS
-                   if not isinstance(raw.get(name), str) or not raw[name].strip()]
-            for name in bad:
-                problems.append(Problem(path, line_number, name, "missing or not a non-empty string"))
-            optional = {name: raw.get(name, "") for name in ("source", "focus", "url")}
+            before = len(problems)
+            for name in REQUIRED_FIELDS:
+                if name not in raw:
+                    check.report(name, "missing")
+                else:
+                    check.string(raw[name], name)
+            optional = {name: raw.get(name, "") for name in OPTIONAL_FIELDS}
             for name, value in optional.items():
-                if not isinstance(value, str):
-                    problems.append(Problem(path, line_number, name, "expected a string"))
-                    bad.append(name)
-            if not bad:
+                check.string(value, name, empty_ok=True)
+            if len(problems) == before:
                 topic = optional["focus"].strip() or optional["url"].strip() or f"line{line_number}"
                 records.append(MedQuADRecord(line_number, optional["source"].strip(), topic,
                                              raw["question"].strip(), raw["answer"].strip()))
@@ -196,7 +202,7 @@ def convert_medquad(records: Sequence[MedQuADRecord], settings: MedQuADSettings)
                 questions.append(records[i].question)
                 answers.append(doc_texts[record_doc[i]])
             document = "\n".join(doc_texts[doc] for doc in pack)
-            outputs.add("stage1", split, Stage1Example(
+            outputs.add(split, Stage1Example(
                 "qa", tuple(questions), tuple(answers), (document,), f"line{records[qa_records[0]].line}"))
 
     # stage1_2 and stage2: BM25 negatives, computed once per distinct question.
@@ -217,7 +223,7 @@ def convert_medquad(records: Sequence[MedQuADRecord], settings: MedQuADSettings)
             done_pairs.add((split, key, doc))
             docs, _ = place_among([doc_texts[doc]], [doc_texts[j] for j in negatives[: settings.top_k - 1]],
                                   seeded_rng(settings.seed, f"stage1_2:{record.line}"))
-            outputs.add("stage1_2", split, Stage1_2Example(
+            outputs.add(split, Stage1_2Example(
                 record.question, tuple(docs), doc_texts[doc], (doc_texts[doc],), f"line{record.line}"))
 
         if (split, key) not in done_questions:
@@ -229,7 +235,7 @@ def convert_medquad(records: Sequence[MedQuADRecord], settings: MedQuADSettings)
             docs, pos_index = place_among([doc_texts[j] for j in row_positives],
                                           [doc_texts[j] for j in negatives[:fill]],
                                           seeded_rng(settings.seed, f"stage2:{record.line}"))
-            outputs.add("stage2", split, Stage2Example(
+            outputs.add(split, Stage2Example(
                 record.question, tuple(docs), doc_texts[doc], tuple(golds), tuple(pos_index),
                 f"line{record.line}"))
             outputs.count("stage2_multi_positive_rows", len(row_positives) > 1)
@@ -237,28 +243,45 @@ def convert_medquad(records: Sequence[MedQuADRecord], settings: MedQuADSettings)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clara-data medquad",
-        description="Convert MedQuAD to CLaRa stage1 / stage1_2 / stage2 JSONL files with "
-                    "deterministic train/dev splits (by topic). See the module docstring.")
-    parser.add_argument("--input", required=True, help="MedQuAD JSONL (id, source, focus, qtype, "
-                                                       "question, answer per line)")
-    parser.add_argument("--out_dir", required=True,
-                        help="folder for stage{1,1_2,2}_{train,dev}.jsonl and summary.json")
-    parser.add_argument("--top_k", type=int, default=5,
-                        help="documents per stage1_2 row: the answer + BM25 distractors")
-    parser.add_argument("--num_candidates", type=int, default=20,
-                        help="candidates per stage2 row: the positives + BM25 negatives")
-    parser.add_argument("--dev_fraction", type=float, default=0.1,
-                        help="fraction of topics (source + focus) in the dev split, in [0, 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffles")
-    parser.add_argument("--max_doc_words", type=int, default=200,
+    defaults = MedQuADSettings()
+    parser = command_parser(
+        "medquad",
+        "Convert MedQuAD question-answer pairs to CLaRa stage1, stage1_2 and stage2 JSONL files, "
+        "plus summary.json; every file is validated as it is written. The answer passages are the "
+        "documents. Stage1: a topic's passages packed into documents with every question they "
+        "answer; stage1_2: each question with its passage among BM25 distractors (--top_k "
+        "documents); stage2: each distinct question with every passage that answers it among "
+        "BM25 negatives (--num_candidates documents, pos_index marking the positives). Whole "
+        "topics go to dev, deterministically. The module docstring of clara.data.medquad gives "
+        "the exact rules.")
+    parser.add_argument("--input", required=True, metavar="FILE",
+                        help="MedQuAD JSONL, one record per line: question and answer (required), "
+                             "source, focus and url (optional; id and qtype are ignored)")
+    parser.add_argument("--out_dir", required=True, metavar="DIR",
+                        help="folder for stage1/stage1_2/stage2 _train/_dev .jsonl files and "
+                             "summary.json (created if missing)")
+    parser.add_argument("--top_k", type=int, default=defaults.top_k,
+                        help="documents per stage1_2 row: the answer passage + BM25 distractors; "
+                             "match training's --generation_top_k (default: %(default)s)")
+    parser.add_argument("--num_candidates", type=int, default=defaults.num_candidates,
+                        help="candidates per stage2 row: the positives (at most half of them) + "
+                             "BM25 negatives; at least max(2, --top_k) (default: %(default)s)")
+    parser.add_argument("--dev_fraction", type=float, default=defaults.dev_fraction,
+                        help="fraction of topics (source + focus) in the dev split, in [0, 1) "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the split and of the documents' order (default: %(default)s)")
+    parser.add_argument("--max_doc_words", type=int, default=defaults.max_doc_words,
                         help="cut each answer passage to this many words, and pack stage1 "
-                             "documents up to it (0: keep passages whole, one per document)")
-    parser.add_argument("--max_rows", type=int, default=None,
-                        help="use only the first N records (quick runs)")
-    parser.add_argument("--k1", type=float, default=1.2, help="BM25 term-frequency saturation")
-    parser.add_argument("--b", type=float, default=0.75, help="BM25 length normalisation")
+                             "documents up to it; 0 keeps passages whole, one per document "
+                             "(default: %(default)s)")
+    parser.add_argument("--max_rows", type=int, default=None, metavar="N",
+                        help="use only the first N records, for a quick run (default: all)")
+    parser.add_argument("--k1", type=float, default=defaults.k1,
+                        help="BM25 term-frequency saturation, for choosing distractors and negatives "
+                             "(default: %(default)s)")
+    parser.add_argument("--b", type=float, default=defaults.b,
+                        help="BM25 length normalisation, 0 (none) to 1 (full) (default: %(default)s)")
     return parser
 
 

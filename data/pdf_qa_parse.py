@@ -43,6 +43,9 @@ def _get(item: dict, keys: tuple[str, ...]):
 
 
 def _as_text(value) -> str | None:
+    """The text a model meant by `value`, or None. Deliberately lenient, unlike the strict field
+    checks of clara.data.json_fields that files get: a reply's JSON is read for what it says, and
+    what it says is then filtered by `_validated`."""
     if isinstance(value, list):  # {"answers": ["x"]}: the first non-empty string
         value = next((v for v in value if isinstance(v, str) and v.strip()), None)
     if isinstance(value, (int, float)) and not isinstance(value, bool):

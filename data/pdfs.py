@@ -1,7 +1,8 @@
 """PDFs -> clean page texts -> token chunks -> stage1 QA and paraphrase rows.
 
-    python -m clara.data.pdfs DIR --out OUT_DIR [--tokenizer smollm2-135m] [--doc_max_length 256]
+    clara-data pdfs DIR --out OUT_DIR [--tokenizer smollm2-135m] [--doc_max_length 256]
         [--overlap 32] [--no_qa | --generator openai|local --llm_model NAME ...]
+    (or python -m clara.data.pdfs with the same flags)
 
 Writes into OUT_DIR:
   chunks.jsonl            {id, text, source_file, page_start, page_end, chunk_index}, for NutriBot
@@ -20,16 +21,17 @@ from __future__ import annotations
 import argparse
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from clara.files import atomic_write_json, atomic_write_jsonl
+from clara.data.cli import command_parser
 from clara.data.pdf_chunk import Chunk, ChunkConfig, Tokenizer, WhitespaceTokenizer, chunk_pages
 from clara.data.pdf_clean import PageText, clean_pages
 from clara.data.pdf_extract import PdfSkipped, read_pdf
 from clara.data.pdf_generators import (KEY_ENV, MODEL_ENV, URL_ENV, HttpGeneratorConfig,
-                                 LocalModelGenerator, OpenAICompatibleGenerator, TextGenerator)
+                                       LocalModelGenerator, OpenAICompatibleGenerator, TextGenerator)
 from clara.data.pdf_qa import GenerationConfig, GenerationCounts, generate_stage1
+from clara.files import atomic_write_json, atomic_write_jsonl
 
 CHUNKS_NAME = "chunks.jsonl"
 REPORT_NAME = "report.json"
@@ -157,10 +159,16 @@ def format_summary(report: ExtractionReport, chunks: list[Chunk],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clara-data pdfs",
-        description="Extract text from PDFs, cut it into token chunks and (unless --no_qa) "
-                    "generate stage1 QA and paraphrase rows with a language model.",
+    chunking, generation = ChunkConfig(), GenerationConfig()
+    http = {f.name: f.default for f in fields(HttpGeneratorConfig)}
+    parser = command_parser(
+        "pdfs",
+        "Extract the text of PDFs (running headers, footers and page numbers removed, split words "
+        "re-joined, tables kept as rows), cut it into overlapping token chunks that remember "
+        "their file and pages, and (unless --no_qa) have a language model write stage1 QA and "
+        "paraphrase rows for each chunk. Writes chunks.jsonl, stage1.jsonl, its resume journal "
+        "stage1.progress.jsonl and report.json into --out; files that cannot be read are listed "
+        "with the reason. Exit status 1 when generation stopped early (run again to continue).",
         epilog=f"The openai generator reads its server from the environment only: {URL_ENV} "
                f"(base URL, e.g. http://localhost:8080/v1), {KEY_ENV} (API key, if needed), "
                f"{MODEL_ENV} (model name, if --llm_model is not given). Re-running with the same "
@@ -169,43 +177,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", metavar="DIR", type=Path,
                         help="folder searched recursively for *.pdf (or a single PDF file)")
     parser.add_argument("--out", required=True, type=Path, metavar="OUT_DIR",
-                        help="output folder for chunks.jsonl, stage1.jsonl and report.json")
+                        help="output folder for chunks.jsonl, stage1.jsonl, stage1.progress.jsonl "
+                             "and report.json (created if missing)")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, metavar="PATH_OR_ALIAS",
                         help="tokenizer that counts chunk tokens: a tokenizer.json, HF folder or "
                              f".gguf path, '{DEFAULT_TOKENIZER}', or '{WHITESPACE_TOKENIZER}' "
-                             f"(one token per word, no model files needed); "
-                             f"default {DEFAULT_TOKENIZER}")
-    parser.add_argument("--doc_max_length", type=int, default=256,
-                        help="tokens per chunk, the compressor's document length (default 256)")
-    parser.add_argument("--overlap", type=int, default=32,
-                        help="tokens shared by neighbouring chunks of a file (default 32)")
+                             "(one token per word, no model files needed) (default: %(default)s)")
+    parser.add_argument("--doc_max_length", type=int, default=chunking.doc_max_length,
+                        help="tokens per chunk; use the compressor's document length, training's "
+                             "--doc_max_length (default: %(default)s)")
+    parser.add_argument("--overlap", type=int, default=chunking.overlap,
+                        help="tokens shared by neighbouring chunks of a file, less than "
+                             "--doc_max_length (default: %(default)s)")
     parser.add_argument("--no_qa", action="store_true",
-                        help="only extract and chunk; no generator is needed")
+                        help="only extract and chunk (chunks.jsonl, report.json); no generator is "
+                             "needed and no stage1.jsonl is written")
     parser.add_argument("--generator", choices=("openai", "local"), default="openai",
-                        help="'openai': an OpenAI-compatible HTTP server set in the environment; "
-                             "'local': a base model loaded with clara.weights (default openai)")
+                        help="'openai': an OpenAI-compatible HTTP server named in the environment "
+                             "(see below); 'local': a base model loaded with clara.weights "
+                             "(default: %(default)s)")
     parser.add_argument("--llm_model", default=None, metavar="NAME",
-                        help="model name sent to the server (openai), or the model path/alias "
-                             "to load (local)")
-    parser.add_argument("--qa_per_chunk", type=int, default=3,
-                        help="question-answer pairs asked for per chunk (default 3)")
+                        help=f"model name sent to the server (openai; default: ${MODEL_ENV}), or "
+                             "the model path/alias to load (local; required)")
+    parser.add_argument("--qa_per_chunk", type=int, default=generation.qa_per_chunk,
+                        help="question-answer pairs asked for per chunk; extra valid pairs in a "
+                             "reply are cut (default: %(default)s)")
     parser.add_argument("--no_paraphrase", action="store_true",
                         help="write QA rows only, no paraphrase rows")
-    parser.add_argument("--max_retries", type=int, default=2,
+    parser.add_argument("--max_retries", type=int, default=generation.max_retries,
                         help="new requests after a reply that cannot be parsed, before the chunk "
-                             "is dropped and counted (default 2)")
-    parser.add_argument("--max_new_tokens", type=int, default=512,
-                        help="most tokens a generator may write per reply (default 512)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds to wait for one HTTP reply (default 60)")
-    parser.add_argument("--http_attempts", type=int, default=4,
-                        help="tries per prompt on network errors, HTTP 429 and 5xx (default 4)")
-    parser.add_argument("--limit_chunks", type=int, default=None,
-                        help="generate for the first N chunks only (a trial run); chunks.jsonl "
-                             "still lists every chunk")
+                             "is dropped and counted (default: %(default)s)")
+    parser.add_argument("--max_new_tokens", type=int, default=http["max_tokens"],
+                        help="most tokens a generator may write per reply (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=http["timeout_s"],
+                        help="openai: seconds to wait for one HTTP reply (default: %(default)s)")
+    parser.add_argument("--http_attempts", type=int, default=http["max_attempts"],
+                        help="openai: tries per prompt on network errors, HTTP 429 and 5xx, with "
+                             "growing waits (default: %(default)s)")
+    parser.add_argument("--limit_chunks", type=int, default=None, metavar="N",
+                        help="generate for the first N chunks only, a trial run; chunks.jsonl "
+                             "still lists every chunk (default: all)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="PDF files read in parallel by this many processes (default 1)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+                        help="PDF files read in parallel by this many processes (default: %(default)s)")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bar (it is shown only on a terminal anyway)")
     return parser
 
 

@@ -1,7 +1,8 @@
 """PubMedQA (labelled part) -> stage1, stage1_2 and stage2 JSONL files, with train/dev splits.
 
-    python -m clara.data.pubmedqa --input ../shared/data/pubmedqa/pqal_trainval.json --out_dir out/pubmedqa
-    python -m clara.data.pubmedqa --hf pubmed_qa/pqa_labeled --out_dir out/pubmedqa   # needs `datasets`
+    clara-data pubmedqa --input ../shared/data/pubmedqa/pqal_trainval.json --out_dir out/pubmedqa
+    clara-data pubmedqa --hf pubmed_qa/pqa_labeled --out_dir out/pubmedqa   # needs `datasets`
+    (or python -m clara.data.pubmedqa with the same flags)
 
 Input: the official `ori_pqal.json` layout (`{pmid: {QUESTION, CONTEXTS, LONG_ANSWER,
 final_decision, ...}}`), a JSON list of such records, a JSONL file of them (with `pmid`, `pubid`
@@ -37,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from clara.data.bm25 import BM25Index
+from clara.data.cli import command_parser
 from clara.data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
     write_outputs
 from clara.data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
+from clara.data.json_fields import FieldChecker, json_type_name
 
 DECISIONS = ("yes", "no", "maybe")
 ANSWER_STYLES = ("decision", "long", "both")
@@ -85,41 +88,46 @@ class PubMedQASettings:
 # --- reading --------------------------------------------------------------------------------
 
 
-def _first_present(raw: dict[str, Any], names: Sequence[str]) -> tuple[str, Any]:
-    for name in names:
-        if name in raw:
-            return name, raw[name]
-    return names[0], None
+QUESTION_FIELDS = ("QUESTION", "question")
+CONTEXT_FIELDS = ("CONTEXTS", "contexts", "context")
+LONG_ANSWER_FIELDS = ("LONG_ANSWER", "long_answer")
+DECISION_FIELDS = ("final_decision", "FINAL_DECISION", "decision")
+
+
+def _first_present(raw: dict[str, Any], names: Sequence[str]) -> tuple[str, Any] | None:
+    """(name, value) of the first of `names` in `raw`, or None when none is."""
+    return next(((name, raw[name]) for name in names if name in raw), None)
+
+
+def _required(raw: dict[str, Any], names: Sequence[str], check: FieldChecker) -> tuple[str, Any] | None:
+    found = _first_present(raw, names)
+    if found is None:
+        check.report(names[0], f"missing (also accepted: {', '.join(names[1:])})")
+    return found
 
 
 def parse_record(raw: Any, record_id: str, path: str, line: int | None, where: str
                  ) -> tuple[PubMedQARecord | None, list[Problem]]:
     """One record in either layout; `where` prefixes field names (e.g. '["12345"].')."""
     problems: list[Problem] = []
-
-    def problem(name: str, message: str) -> None:
-        problems.append(Problem(path, line, f"{where}{name}", message))
-
-    if not isinstance(raw, dict):
-        problem("<record>", f"expected a JSON object, got {type(raw).__name__}")
+    check = FieldChecker(lambda name, message: problems.append(Problem(path, line, f"{where}{name}", message)))
+    if check.object(raw, "<record>") is None:
         return None, problems
-    name, question = _first_present(raw, ("QUESTION", "question"))
-    if not isinstance(question, str) or not question.strip():
-        problem(name, "missing or not a non-empty string")
-    name, contexts = _first_present(raw, ("CONTEXTS", "contexts", "context"))
-    if isinstance(contexts, dict):  # the Hugging Face layout nests them
-        name, contexts = f"{name}.contexts", contexts.get("contexts")
-    if (not isinstance(contexts, list) or not contexts
-            or not all(isinstance(c, str) and c.strip() for c in contexts)):
-        problem(name, "missing or not a non-empty list of non-empty strings")
-    name, long_answer = _first_present(raw, ("LONG_ANSWER", "long_answer"))
-    if long_answer is None:
-        long_answer = ""
-    elif not isinstance(long_answer, str):
-        problem(name, f"expected a string, got {type(long_answer).__name__}")
-    name, decision = _first_present(raw, ("final_decision", "FINAL_DECISION", "decision"))
-    if not isinstance(decision, str) or decision.strip().lower() not in DECISIONS:
-        problem(name, f"{decision!r} is not one of yes, no, maybe")
+    question = contexts = decision = None
+    if found := _required(raw, QUESTION_FIELDS, check):
+        question = check.string(found[1], found[0])
+    if found := _required(raw, CONTEXT_FIELDS, check):
+        name, value = found
+        if isinstance(value, dict):  # the Hugging Face layout nests them
+            name, value = f"{name}.contexts", value.get("contexts")
+        contexts = check.string_list(value, name)
+    long_answer = ""  # optional
+    if found := _first_present(raw, LONG_ANSWER_FIELDS):
+        long_answer = check.string(found[1], found[0], empty_ok=True)
+    if found := _required(raw, DECISION_FIELDS, check):
+        decision = check.string(found[1], found[0], empty_ok=True)
+        if decision is not None and decision.strip().lower() not in DECISIONS:
+            check.report(found[0], f"{decision!r} is not one of yes, no, maybe")
     if problems:
         return None, problems
     record = PubMedQARecord(record_id, question.strip(), tuple(c.strip() for c in contexts),
@@ -176,7 +184,7 @@ def _json_records(path: str) -> Iterable[RawRecord | Problem]:
             yield RawRecord(value, _record_id(value, f"item{index}"), None, f"[{index}].")
     else:
         yield Problem(path, None, "<file>", f"expected an object or an array at the top, "
-                                            f"got {type(data).__name__}")
+                                            f"got {json_type_name(data)}")
 
 
 def collect_records(items: Iterable[RawRecord | Problem], path: str,
@@ -293,8 +301,8 @@ def convert_pubmedqa(records: Sequence[PubMedQARecord], settings: PubMedQASettin
             answers.append(record.long_answer)
         questions.append(record.question + DECISION_SUFFIX)
         answers.append(record.decision)
-        outputs.add("stage1", split, Stage1Example("qa", tuple(questions), tuple(answers),
-                                                   (abstracts[i],), record.pmid))
+        outputs.add(split, Stage1Example("qa", tuple(questions), tuple(answers),
+                                         (abstracts[i],), record.pmid))
 
         own = range(first_context[i], first_context[i] + len(record.contexts))
         needed = max(0, settings.top_k - len(record.contexts))
@@ -303,14 +311,14 @@ def convert_pubmedqa(records: Sequence[PubMedQARecord], settings: PubMedQASettin
         outputs.count("stage1_2_merges", merges)
         outputs.count("stage1_2_padding_docs", padded)
         answer = _answer(record, settings.answer_style)
-        outputs.add("stage1_2", split, Stage1_2Example(
+        outputs.add(split, Stage1_2Example(
             record.question, tuple(cap_words(doc, cap) for doc in docs), answer,
             (record.decision,), record.pmid))
 
         negatives = abstract_index.top_k(record.question, settings.num_candidates - 1, exclude=[i])
         candidates, pos_index = place_among(
             [abstracts[i]], [abstracts[j] for j in negatives], seeded_rng(settings.seed, f"stage2:{record.pmid}"))
-        outputs.add("stage2", split, Stage2Example(
+        outputs.add(split, Stage2Example(
             record.question, tuple(candidates), answer, (record.decision,), tuple(pos_index), record.pmid))
     return outputs
 
@@ -319,34 +327,51 @@ def convert_pubmedqa(records: Sequence[PubMedQARecord], settings: PubMedQASettin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clara-data pubmedqa",
-        description="Convert PubMedQA (labelled) to CLaRa stage1 / stage1_2 / stage2 JSONL files "
-                    "with deterministic train/dev splits. See the module docstring for the rules.")
+    defaults = PubMedQASettings()
+    parser = command_parser(
+        "pubmedqa",
+        "Convert PubMedQA (its labelled part) to CLaRa stage1, stage1_2 and stage2 JSONL files "
+        "with deterministic train/dev splits, plus summary.json. Every file is validated as it is "
+        "written. Stage1: one QA row per abstract (long answer and yes/no/maybe decision); "
+        "stage1_2: the question with exactly --top_k documents built from its own abstract's "
+        "sections (BM25 distractors added when it has fewer); stage2: the question with --num_candidates "
+        "abstracts, its own among BM25 hard negatives, pos_index marking it. The module "
+        "docstring of clara.data.pubmedqa gives the exact rules.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="a local ori_pqal.json-style JSON file, or a JSONL file "
-                                        "(.jsonl) with one record per line")
+    source.add_argument("--input", metavar="FILE",
+                        help="a local file: ori_pqal.json-style JSON ({pmid: record} or a list of "
+                             "records), or JSONL (by the .jsonl suffix) with one record per line")
     source.add_argument("--hf", metavar="NAME",
                         help="load from the Hugging Face hub with `datasets`, e.g. "
                              "pubmed_qa/pqa_labeled (needs the package and a network)")
-    parser.add_argument("--out_dir", required=True,
-                        help="folder for stage{1,1_2,2}_{train,dev}.jsonl and summary.json")
-    parser.add_argument("--top_k", type=int, default=5,
-                        help="documents per stage1_2 row (contexts merged or padded to this)")
-    parser.add_argument("--num_candidates", type=int, default=20,
-                        help="candidates per stage2 row: 1 positive + BM25 negatives")
-    parser.add_argument("--dev_fraction", type=float, default=0.1,
-                        help="fraction of records in the dev split, in [0, 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffles")
-    parser.add_argument("--answer_style", choices=ANSWER_STYLES, default="decision",
+    parser.add_argument("--out_dir", required=True, metavar="DIR",
+                        help="folder for stage1/stage1_2/stage2 _train/_dev .jsonl files and "
+                             "summary.json (created if missing)")
+    parser.add_argument("--top_k", type=int, default=defaults.top_k,
+                        help="documents per stage1_2 row: the abstract's sections merged or padded "
+                             "to exactly this many; match training's --generation_top_k "
+                             "(default: %(default)s)")
+    parser.add_argument("--num_candidates", type=int, default=defaults.num_candidates,
+                        help="candidates per stage2 row: 1 positive + BM25 negatives; at least "
+                             "max(2, --top_k) (default: %(default)s)")
+    parser.add_argument("--dev_fraction", type=float, default=defaults.dev_fraction,
+                        help="fraction of records in the dev split, in [0, 1) (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the split and of the candidates' order (default: %(default)s)")
+    parser.add_argument("--answer_style", choices=ANSWER_STYLES, default=defaults.answer_style,
                         help="target answer of stage1_2/stage2 rows: the yes/no/maybe decision, "
-                             "the long answer, or both ('Yes. <long answer>')")
-    parser.add_argument("--max_doc_words", type=int, default=0,
-                        help="cut each document to this many words (0: keep whole)")
-    parser.add_argument("--max_rows", type=int, default=None,
-                        help="use only the first N records (quick runs)")
-    parser.add_argument("--k1", type=float, default=1.2, help="BM25 term-frequency saturation")
-    parser.add_argument("--b", type=float, default=0.75, help="BM25 length normalisation")
+                             "the long answer, or both ('Yes. <long answer>'); golden_answers is "
+                             "always the decision (default: %(default)s)")
+    parser.add_argument("--max_doc_words", type=int, default=defaults.max_doc_words,
+                        help="cut each document to this many words; 0 keeps documents whole "
+                             "(default: %(default)s)")
+    parser.add_argument("--max_rows", type=int, default=None, metavar="N",
+                        help="use only the first N records, for a quick run (default: all)")
+    parser.add_argument("--k1", type=float, default=defaults.k1,
+                        help="BM25 term-frequency saturation, for choosing distractors and negatives "
+                             "(default: %(default)s)")
+    parser.add_argument("--b", type=float, default=defaults.b,
+                        help="BM25 length normalisation, 0 (none) to 1 (full) (default: %(default)s)")
     return parser
 
 

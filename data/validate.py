@@ -1,9 +1,12 @@
 """Check stage JSONL files and list every problem in them.
 
-    python -m clara.data.validate FILE [FILE ...] --stage stage1|stage1_2|stage2|stage2_pretrain_retrieval [--top_k K]
+    clara-data validate FILE [FILE ...] --stage STAGE [--top_k K]
+    python -m clara.data.validate FILE [FILE ...] --stage STAGE [--top_k K]
 
-Prints one line per problem (`file:line: field: message`), then a summary line per file. Exits
-with status 1 when any file has a problem, 0 otherwise. Row contents are never printed.
+STAGE is any stage of the stage table (clara/stages.py); its files are checked against the layout
+the table gives it (`Stage.data_format`, see clara.data.formats). Prints one line per problem
+(`file:line: field: message`), then a summary line per file. Exits with status 1 when any file
+has a problem, 0 otherwise. Row contents are never printed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from clara.data.formats import STAGES, FileReport, Stage1Example, Stage2Example, validate_stage_file
+from clara.data.cli import command_parser
+from clara.data.formats import FileReport, Stage1Example, Stage2Example, validate_stage_file
+from clara.stages import STAGES
 
 
 def summarize(path: str, stage: str, report: FileReport) -> str:
@@ -35,17 +40,23 @@ def summarize(path: str, stage: str, report: FileReport) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clara-data validate",
-        description="Validate CLaRa stage JSONL files; list every problem with file, line and field.")
+    layouts = "; ".join(f"{name}: the {stage.data_format} layout"
+                        + (", pos_index required" if "retrieval" in stage.losses else "")
+                        for name, stage in STAGES.items())
+    parser = command_parser(
+        "validate",
+        "Validate CLaRa stage JSONL files: print every problem as file:line: field: message, then "
+        "one summary line per file; exit status 1 if any file has a problem. Row contents are "
+        "never printed.")
     parser.add_argument("files", nargs="+", metavar="FILE", help="stage JSONL file(s) to check")
-    parser.add_argument("--stage", required=True, choices=STAGES,
-                        help="the layout the files must follow (stage2_pretrain_retrieval uses the "
-                             "stage2 layout and requires pos_index)")
+    parser.add_argument("--stage", required=True, choices=tuple(STAGES),
+                        help=f"the training stage the files are for, which sets the row layout "
+                             f"they must follow ({layouts})")
     parser.add_argument("--top_k", type=int, default=None,
-                        help="stage1/stage1_2: every row must hold exactly this many documents; "
-                             "stage2: every row must hold at least this many candidates "
-                             "(default: stage1/stage1_2 rows only need equal counts)")
+                        help="stage1 and stage1_2 layouts: every row must hold exactly this many "
+                             "documents; stage2 layout: every row must hold at least this many "
+                             "candidates (default: no count given, rows of the stage1 and "
+                             "stage1_2 layouts need only hold equal counts)")
     return parser
 
 

@@ -151,7 +151,7 @@ def test_pubmedqa_bad_input_lists_every_problem(tmp_path):
     with pytest.raises(ValidationError) as raised:
         load_pubmedqa(jsonl)
     assert [str(problem) for problem in raised.value.problems] == [
-        f"{jsonl}:1: contexts: missing or not a non-empty list of non-empty strings",
+        f"{jsonl}:1: contexts: empty list",
         f"{jsonl}:1: final_decision: 'perhaps' is not one of yes, no, maybe",
         f"{jsonl}:2: <row>: invalid JSON: Expecting value (column 1)",
         f"{jsonl}:4: id: '1' repeats an earlier record",
@@ -161,7 +161,43 @@ def test_pubmedqa_bad_input_lists_every_problem(tmp_path):
     with pytest.raises(ValidationError) as raised:
         load_pubmedqa(mapping)
     assert [str(problem) for problem in raised.value.problems] == [
-        f'{mapping}: ["123"].QUESTION: missing or not a non-empty string']
+        f'{mapping}: ["123"].QUESTION: missing (also accepted: question)']
+
+
+def test_pubmedqa_field_types_are_worded_like_the_stage_files(tmp_path):
+    # The same words as clara-data validate (clara.data.json_fields), whichever layout a field is in.
+    jsonl = tmp_path / "types.jsonl"
+    jsonl.write_text(json.dumps({"question": 3, "context": {"contexts": ["c", ""]}, "long_answer": ["x"],
+                                 "final_decision": True}) + "\n" + json.dumps([1]) + "\n"
+                     + json.dumps({"question": "q", "contexts": ["c"]}) + "\n")
+    with pytest.raises(ValidationError) as raised:
+        load_pubmedqa(jsonl)
+    assert [str(problem) for problem in raised.value.problems] == [
+        f"{jsonl}:1: question: expected a string, got number",
+        f"{jsonl}:1: context.contexts[1]: empty string",
+        f"{jsonl}:1: long_answer: expected a string, got array",
+        f"{jsonl}:1: final_decision: expected a string, got boolean",
+        f"{jsonl}:2: <record>: expected a JSON object, got array",
+        f"{jsonl}:3: final_decision: missing (also accepted: FINAL_DECISION, decision)",
+    ]
+    top = tmp_path / "top.json"
+    top.write_text("3")
+    with pytest.raises(ValidationError) as raised:
+        load_pubmedqa(top)
+    assert [str(problem) for problem in raised.value.problems] == [
+        f"{top}: <file>: expected an object or an array at the top, got number"]
+
+
+def test_medquad_missing_and_mistyped_fields(tmp_path):
+    path = tmp_path / "mq.jsonl"
+    path.write_text('{"answer": "a"}\n{"question": ["q"], "answer": "a", "source": null}\n')
+    with pytest.raises(ValidationError) as raised:
+        load_medquad(path)
+    assert [str(problem) for problem in raised.value.problems] == [
+        f"{path}:1: question: missing",
+        f"{path}:2: question: expected a string, got array",
+        f"{path}:2: source: expected a string, got null",
+    ]
 
 
 def test_pubmedqa_hf_without_datasets_says_what_to_install(monkeypatch, tmp_path, capsys):
@@ -264,7 +300,7 @@ def test_medquad_bad_input_lists_every_problem(tmp_path):
     with pytest.raises(ValidationError) as raised:
         load_medquad(path)
     assert [str(problem) for problem in raised.value.problems] == [
-        f"{path}:1: answer: missing or not a non-empty string",
-        f"{path}:2: <row>: expected a JSON object",
-        f"{path}:3: focus: expected a string",
+        f"{path}:1: answer: empty string",
+        f"{path}:2: <row>: expected a JSON object, got array",
+        f"{path}:3: focus: expected a string, got number",
     ]

@@ -185,6 +185,39 @@ def test_stage1_accepts_bare_strings_and_paraphrase_rows_without_questions(tmp_p
     assert validate.main([str(path), "--stage", "stage1"]) == 0
 
 
+# The official reader (preprocess_data) takes `question` only when data_type != "paraphrase";
+# a paraphrase row's question is never read, so no value of it can make the row invalid.
+IGNORED_PARAPHRASE_QUESTIONS = [[""], "", None, [], ["", "  "], [1, {"a": 2}], 7, {"q": "x"}, True]
+
+
+@pytest.mark.parametrize("question", IGNORED_PARAPHRASE_QUESTIONS, ids=json.dumps)
+def test_clara_data_validate_accepts_any_question_on_a_paraphrase_row(tmp_path, capsys, question):
+    row = {"data_type": "paraphrase", "question": question, "answers": ["restated"], "docs": ["d"]}
+    path = write_lines(tmp_path, [json.dumps(row)])
+    assert validate.main([path, "--stage", "stage1"]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}: stage1, 1 rows, 0 problems; docs per row 1..1 (mean 1.00); 0 QA pairs, 1 paraphrase rows"]
+    assert read_stage_file(path, "stage1") == [Stage1Example("paraphrase", (), ("restated",), ("d",))]
+
+
+@pytest.mark.parametrize("row, expected", [
+    # A qa row's question is read by the official reader: [""] is still an empty question there.
+    ({"data_type": "qa", "question": [""], "answers": ["a"], "docs": ["d"]}, ["question[0]: empty string"]),
+    ({"question": [""], "answers": ["a"], "docs": ["d"]}, ["question[0]: empty string"]),  # qa by default
+    # Only the exact data_type "paraphrase" skips the question; on any other row it is checked.
+    ({"data_type": "Paraphrase", "question": [""], "answers": ["a"], "docs": ["d"]},
+     ["data_type: 'Paraphrase' is not one of 'qa', 'paraphrase'", "question[0]: empty string"]),
+    ({"data_type": None, "answers": ["a"], "docs": ["d"]},
+     ["data_type: expected a string, got null", "question: missing"]),
+    # The paraphrase target (the first answer) is still required.
+    ({"data_type": "paraphrase", "question": [""], "answers": [""], "docs": ["d"]}, ["answers[0]: empty string"]),
+    ({"data_type": "paraphrase", "question": [""], "docs": ["d"]},
+     ["answers: missing (also accepted: golden_answers, gold_answer, answer)"]),
+])
+def test_what_a_paraphrase_row_does_not_excuse(tmp_path, row, expected):
+    assert problems_of(tmp_path, [row], "stage1") == [f"{tmp_path / 'rows.jsonl'}:1: {e}" for e in expected]
+
+
 def test_stage2_pos_index_is_optional_like_the_official_end_to_end_files(tmp_path):
     path = write_lines(tmp_path, [json.dumps({"question": "q", "docs": ["a", "b"], "gold_answer": "g"})])
     assert read_stage_file(path, "stage2") == [Stage2Example("q", ("a", "b"), "g", ("g",), ())]

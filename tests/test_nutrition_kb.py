@@ -281,12 +281,12 @@ BROKEN_SECOND_LINES = [
     (json.dumps(_row("kb-0002", questions=[{"question": "Only one?", "answer": "Yes."}])),
      "2: questions: needs at least 2 questions, got 1"),
     (json.dumps(_row("kb-0002", questions=[{"question": "A?", "answer": ""}, {"question": "B?", "answer": "b"}])),
-     "2: questions[0].answer: must be a non-empty string"),
+     "2: questions[0].answer: empty string"),
     (json.dumps(_row("kb-0002", category="recipe")),
      "2: category: unknown category 'recipe' (expected one of nutrient, food, diet_pattern, interaction, condition)"),
     (json.dumps(_row("kb-0002", summary="extra")), "2: unknown field 'summary'"),
     ('{"id": "kb-0002", "title": ', "2: invalid JSON: Expecting value (column 28)"),
-    ("[1, 2]", "2: expected a JSON object, got list"),
+    ("[1, 2]", "2: expected a JSON object, got array"),
 ]
 
 
@@ -328,6 +328,38 @@ def test_missing_files_and_bad_vocabulary_are_named(tmp_path):
     with pytest.raises(KnowledgeBaseError) as caught:
         load_vocabulary(path)
     assert str(caught.value) == f"{path}: kinds.medication.terms['doac']: synonym 'coumadin' already names 'warfarin'"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, "{path}: file not found"),
+    ('{"fields": ', "{path}:1: invalid JSON (Expecting value)"),
+    ("[]", "{path}:1: expected a JSON object at the top level"),
+    (json.dumps(dict(SMALL_VOCABULARY, kinds=dict(SMALL_VOCABULARY["kinds"], medication={"terms": {"warfarin": "coumadin"}}))),
+     "{path}: kinds.medication.terms['warfarin']: expected a list of strings, got string"),
+    (json.dumps(dict(SMALL_VOCABULARY, kinds=dict(SMALL_VOCABULARY["kinds"], medication={"terms": {"warfarin": [""]}}))),
+     "{path}: kinds.medication.terms['warfarin'][0]: empty string"),
+    (json.dumps(dict(SMALL_VOCABULARY, kinds=dict(SMALL_VOCABULARY["kinds"], medication=[]))),
+     "{path}: kinds.medication: expected a JSON object, got array"),
+])
+def test_vocabulary_problems_are_worded_like_every_other_json_input(tmp_path, text, expected):
+    path = tmp_path / "vocabulary.json"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(KnowledgeBaseError) as caught:
+        load_vocabulary(path)
+    assert str(caught.value) == expected.format(path=path)
+
+
+def test_document_field_types_are_worded_like_the_stage_files(tmp_path):
+    row = _row("kb-0002", title=7, tags=_tags(restricts="vitamin k"), questions=[["A?", "a"], {"question": "B?", "answer": "b"}])
+    path = _write_kb(tmp_path / "kb", [json.dumps(_row("kb-0001")), json.dumps(row)])
+    with pytest.raises(KnowledgeBaseError) as caught:
+        load_knowledge_base(tmp_path / "kb")
+    assert caught.value.problems == [
+        f"{path}:2: title: expected a string, got number",
+        f"{path}:2: tags.restricts: expected a list of strings, got string",
+        f"{path}:2: questions[0]: expected a JSON object, got array",
+    ]
 
 
 # ----------------------------------------------------------------------------- converter
