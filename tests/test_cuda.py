@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from cuda_helpers import (GiB, GPU_INPUTS, OPT_ARGS, ROOT, build_clara_random, free_cuda, planner_setup,
                           recipe_step, stage1_examples)
+from tiny_models import greedy_by_recompute
 
 pytestmark = pytest.mark.cuda
 
@@ -334,15 +335,6 @@ def random_decoder(cfg, seed: int, std: float):
             if p.dim() == 1:
                 p.add_(1.0 if p.numel() == cfg.hidden_size else 0.0)  # norm weights near one
     return model.eval()
-
-
-def greedy_by_recompute(model, ids, n):
-    out = ids
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(out).logits[:, -1].argmax(-1, keepdim=True)
-            out = torch.cat([out, nxt], 1)
-    return out[:, ids.shape[1]:]
 
 
 @pytest.mark.parametrize("family", _families())

@@ -7,16 +7,7 @@ import pytest
 import torch
 
 from clara.generate import generate, sample_next
-from tiny_models import FAMILY_CONFIGS, tiny_model
-
-
-def greedy_by_recompute(model, ids, n):
-    out = ids
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(out).logits[:, -1].argmax(-1, keepdim=True)
-            out = torch.cat([out, nxt], 1)
-    return out[:, ids.shape[1]:]
+from tiny_models import FAMILY_CONFIGS, greedy_by_recompute, tiny_model
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))

@@ -50,6 +50,16 @@ HIDDEN = 48
 TINY = dict(compress_rate=4, doc_max_length=16, lora_r=4, lora_dropout=0.0, generation_top_k=2)
 
 
+def greedy_by_recompute(model, ids, n):
+    """n greedy tokens by recomputing the whole sequence each step: the no-cache reference."""
+    out = ids
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(out).logits[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], 1)
+    return out[:, ids.shape[1]:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny CLaRa models over SmolLM2's real tokenizer
 # ---------------------------------------------------------------------------------------------
