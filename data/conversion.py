@@ -8,6 +8,7 @@ and one record's shuffle does not depend on which other records were processed b
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from collections.abc import Hashable, Sequence
@@ -110,3 +111,21 @@ def write_outputs(out_dir: str | os.PathLike, outputs: StageOutputs, settings: d
     summary = {"files": rows, "counters": dict(sorted(outputs.counters.items())), "settings": settings}
     atomic_write_json(Path(out_dir) / "summary.json", summary)
     return summary
+
+
+# ----------------------------------------------------------------------------- shared flags
+def add_out_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out_dir", required=True, metavar="DIR",
+                        help="folder for stage1/stage1_2/stage2 _train/_dev .jsonl files and "
+                             "summary.json (created if missing)")
+
+
+def add_converter_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:
+    """--max_rows and the BM25 parameters of a converter whose settings (`defaults`) hold k1 and b."""
+    parser.add_argument("--max_rows", type=int, default=None, metavar="N",
+                        help="use only the first N records, for a quick run (default: all)")
+    parser.add_argument("--k1", type=float, default=defaults.k1,
+                        help="BM25 term-frequency saturation, for choosing distractors and negatives "
+                             "(default: %(default)s)")
+    parser.add_argument("--b", type=float, default=defaults.b,
+                        help="BM25 length normalisation, 0 (none) to 1 (full) (default: %(default)s)")

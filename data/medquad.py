@@ -43,8 +43,8 @@ from pathlib import Path
 
 from clara.data.bm25 import BM25Index
 from clara.data.cli import command_parser
-from clara.data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
-    write_outputs
+from clara.data.conversion import (StageOutputs, add_converter_flags, add_out_dir_flag, cap_words, dev_keys,
+                                   place_among, seeded_rng, word_count, write_outputs)
 from clara.data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
 from clara.data.json_fields import FieldChecker
 
@@ -257,9 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, metavar="FILE",
                         help="MedQuAD JSONL, one record per line: question and answer (required), "
                              "source, focus and url (optional; id and qtype are ignored)")
-    parser.add_argument("--out_dir", required=True, metavar="DIR",
-                        help="folder for stage1/stage1_2/stage2 _train/_dev .jsonl files and "
-                             "summary.json (created if missing)")
+    add_out_dir_flag(parser)
     parser.add_argument("--top_k", type=int, default=defaults.top_k,
                         help="documents per stage1_2 row: the answer passage + BM25 distractors; "
                              "match training's --generation_top_k (default: %(default)s)")
@@ -275,13 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cut each answer passage to this many words, and pack stage1 "
                              "documents up to it; 0 keeps passages whole, one per document "
                              "(default: %(default)s)")
-    parser.add_argument("--max_rows", type=int, default=None, metavar="N",
-                        help="use only the first N records, for a quick run (default: all)")
-    parser.add_argument("--k1", type=float, default=defaults.k1,
-                        help="BM25 term-frequency saturation, for choosing distractors and negatives "
-                             "(default: %(default)s)")
-    parser.add_argument("--b", type=float, default=defaults.b,
-                        help="BM25 length normalisation, 0 (none) to 1 (full) (default: %(default)s)")
+    add_converter_flags(parser, defaults)
     return parser
 
 

@@ -39,8 +39,8 @@ from typing import Any
 
 from clara.data.bm25 import BM25Index
 from clara.data.cli import command_parser
-from clara.data.conversion import StageOutputs, cap_words, dev_keys, place_among, seeded_rng, word_count, \
-    write_outputs
+from clara.data.conversion import (StageOutputs, add_converter_flags, add_out_dir_flag, cap_words, dev_keys,
+                                   place_among, seeded_rng, word_count, write_outputs)
 from clara.data.formats import Problem, Stage1_2Example, Stage1Example, Stage2Example, ValidationError
 from clara.data.json_fields import FieldChecker, json_type_name
 
@@ -344,9 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf", metavar="NAME",
                         help="load from the Hugging Face hub with `datasets`, e.g. "
                              "pubmed_qa/pqa_labeled (needs the package and a network)")
-    parser.add_argument("--out_dir", required=True, metavar="DIR",
-                        help="folder for stage1/stage1_2/stage2 _train/_dev .jsonl files and "
-                             "summary.json (created if missing)")
+    add_out_dir_flag(parser)
     parser.add_argument("--top_k", type=int, default=defaults.top_k,
                         help="documents per stage1_2 row: the abstract's sections merged or padded "
                              "to exactly this many; match training's --generation_top_k "
@@ -365,13 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_doc_words", type=int, default=defaults.max_doc_words,
                         help="cut each document to this many words; 0 keeps documents whole "
                              "(default: %(default)s)")
-    parser.add_argument("--max_rows", type=int, default=None, metavar="N",
-                        help="use only the first N records, for a quick run (default: all)")
-    parser.add_argument("--k1", type=float, default=defaults.k1,
-                        help="BM25 term-frequency saturation, for choosing distractors and negatives "
-                             "(default: %(default)s)")
-    parser.add_argument("--b", type=float, default=defaults.b,
-                        help="BM25 length normalisation, 0 (none) to 1 (full) (default: %(default)s)")
+    add_converter_flags(parser, defaults)
     return parser
 
 
