@@ -10,8 +10,9 @@ A checkpoint directory holds
 The base weights are not copied: `load_clara` loads the recorded base and refuses one whose
 architecture or weights differ from the one the checkpoint was trained on.
 
-Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so
-an interrupted save leaves the previous checkpoint (or nothing), never half of one.
+Writes are atomic per file: everything goes to a temporary sibling directory; a new folder is that
+directory renamed into place, an existing one gets each file renamed over its old version (its
+other files are left alone), and the sha256s in clara.json refuse a mix of old and new files.
 """
 
 from __future__ import annotations
@@ -121,28 +122,30 @@ def save_clara(model: "Clara", path: str | os.PathLike) -> None:
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
-        _replace_directory(tmp, path)
+        _install_checkpoint(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace_directory(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an existing target is moved aside first and removed after."""
+def _install_checkpoint(new: Path, target: Path) -> None:
+    """Put the checkpoint written in `new` at `target`, touching no other file of `target`.
+
+    A new target is one rename. Into an existing folder, each of our files is renamed over its old
+    version, clara.json last: a user's other files stay, and a crash halfway leaves weights that
+    the old clara.json's sha256 refuses, never a silent mix.
+    """
     if not target.exists():
         os.replace(new, target)
         return
     if not target.is_dir():
-        raise CheckpointError(f"{target}: exists and is not a directory")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    old.rmdir()
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)  # put the previous checkpoint back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        raise CheckpointError(f"{target}: exists and is not a directory; choose another path for the checkpoint")
+    for name in (ADAPTERS_FILE, EMBEDDINGS_FILE, CONFIG_FILE):
+        if (target / name).is_dir():
+            raise CheckpointError(f"{target / name}: is a folder, so the checkpoint cannot be written here")
+    for name in (ADAPTERS_FILE, EMBEDDINGS_FILE, CONFIG_FILE):
+        os.replace(new / name, target / name)
+    new.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +197,16 @@ def read_checkpoint_meta(path: Path) -> dict:
     return meta
 
 
+def read_checkpoint_config(path: str | os.PathLike, meta: dict | None = None) -> ClaraConfig:
+    """The ClaraConfig a checkpoint was saved with, read without loading any weights."""
+    path = find_clara_checkpoint(path) or Path(path)
+    meta = read_checkpoint_meta(path) if meta is None else meta
+    try:
+        return ClaraConfig.from_dict(meta["clara_config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: clara_config: {e}") from None
+
+
 def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CheckpointError(f"{path}: missing")
@@ -221,14 +234,13 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     """
     path = find_clara_checkpoint(path) or Path(path)
     meta = read_checkpoint_meta(path)
-    config_path = path / CONFIG_FILE
-    try:
-        config = ClaraConfig.from_dict(meta["clara_config"])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: clara_config: {e}") from None
+    config = read_checkpoint_config(path, meta)
     saved_stage = config.training_stage
     if settings:
         config = dataclasses.replace(config, **settings)
+    # The files are checked before the base is loaded: a corrupted checkpoint costs no model load.
+    adapters = _load_tensors(path / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
+    embeddings = _load_tensors(path / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
 
     base_name = base or meta["base"]["name"]
     decoder, tokenizer = base_model if base_model is not None else load_base(base_name, dtype=dtype, device=device)
@@ -240,13 +252,10 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
         raise CheckpointError(f"{path}: trained on base {meta['base']['name']!r}, but the weights of {base_name!r} "
                               "differ (same architecture, other weights); load the matching base")
 
-    adapters = _load_tensors(path / ADAPTERS_FILE, meta["sha256"].get(ADAPTERS_FILE))
-    embeddings = _load_tensors(path / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
-
     model = model_class.from_decoder(decoder, tokenizer, config, base_name=meta["base"]["name"])
     ids = _added_token_ids(model)
     if ids != meta["added_tokens"]:
-        raise CheckpointError(f"{config_path}: the added tokens got ids {ids}, the checkpoint recorded "
+        raise CheckpointError(f"{path / CONFIG_FILE}: the added tokens got ids {ids}, the checkpoint recorded "
                               f"{meta['added_tokens']}; the tokenizer differs")
     _load_embeddings(model, embeddings, path / EMBEDDINGS_FILE)
 

@@ -10,14 +10,15 @@ import warnings
 
 import torch
 
+from clara.command import CommandParser, command_main, fail, parse_device
 from clara.generate import generate, prompt_ids
 from clara.sources import ALIASES
 from clara.tokenizer import StreamDecoder
-from clara.weights import DTYPES, WeightsError, load_base
+from clara.weights import DTYPES, load_base
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="clara-generate",
         description="Generate text with a base decoder, streaming tokens to stdout as they are produced.",
     )
@@ -36,31 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("clara-generate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.prompt.strip():
-        print("error: --prompt is empty: give the text to answer or continue", file=sys.stderr)
-        return 2
+        return fail("clara-generate", "--prompt is empty: give the text to answer or continue")
     for bad, message in ((args.max_new_tokens < 1, f"--max_new_tokens must be at least 1, got {args.max_new_tokens}"),
                          (args.temperature < 0, f"--temperature must be 0 (greedy) or positive, got {args.temperature}"),
                          (not 0.0 < args.top_p <= 1.0, f"--top_p must be in (0, 1], got {args.top_p}")):
         if bad:
-            print(f"error: {message}", file=sys.stderr)
-            return 2
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        print(f"error: --device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device {args.device}: this torch sees no CUDA device; use --device cpu", file=sys.stderr)
-        return 2
+            return fail("clara-generate", message)
+    device = parse_device(args.device)
     t0 = time.perf_counter()
-    try:
-        model, tokenizer = load_base(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_base(args.model, dtype=DTYPES[args.dtype], device=device)
     print(f"[clara.generate] loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     ids = torch.tensor([prompt_ids(tokenizer, args.prompt, args.chat, args.system)], device=model.device)
@@ -76,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator(device=model.device).manual_seed(args.seed) if args.seed is not None else None
     context = model.config.max_position_embeddings
     if ids.shape[1] >= context:
-        print(f"error: --prompt is {ids.shape[1]} tokens but {args.model}'s context is {context}: shorten it",
-              file=sys.stderr)
-        return 2
+        return fail("clara-generate", f"--prompt is {ids.shape[1]} tokens but {args.model}'s context is {context}: "
+                    "shorten it")
     t1 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

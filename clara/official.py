@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from clara.command import CommandParser, command_main
 from clara.config import (
     AE_TOKEN,
     ENC_TOKEN,
@@ -446,14 +447,14 @@ def _copy_token_rows(model, embedding: torch.Tensor, head: torch.Tensor | None, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="clara-import",
         description="Convert an official CLaRa checkpoint directory (config.json, adapters.pth, "
                     "decoder_first_last_layers.pth) into a Clara checkpoint. The .pth files are read with "
                     "torch.load(weights_only=True) only.",
     )
     p.add_argument("src", metavar="SRC", help="the official checkpoint directory")
-    p.add_argument("dst", metavar="DST", help="where to write the Clara checkpoint (a directory, replaced atomically)")
+    p.add_argument("dst", metavar="DST", help="where to write the Clara checkpoint: a new folder, or an existing one whose clara.json and .safetensors files are replaced (its other files are left alone)")
     p.add_argument("--base", default=None,
                    help="base model to load instead of config.json's decoder_model_name: a Hugging Face "
                         "directory, a hub repo id, a .gguf file or 'smollm2-135m'")
@@ -463,15 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main("clara-import")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        official = read_official_config(args.src)
-        model = import_official_checkpoint(args.src, base=args.base, dtype=DTYPES[args.dtype], device=args.device)
-        model.save_pretrained(args.dst)
-    except (CheckpointError, ConfigError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    official = read_official_config(args.src)
+    model = import_official_checkpoint(args.src, base=args.base, dtype=DTYPES[args.dtype], device=args.device)
+    model.save_pretrained(args.dst)
     cfg = model.config
     print(f"[clara.official] {args.src} -> {args.dst}: base {model.base_name!r}, stage {cfg.training_stage}, "
           f"adapters {model.adapter_names}, compress_rate {cfg.compress_rate}, doc_max_length {cfg.doc_max_length}, "

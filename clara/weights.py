@@ -23,6 +23,7 @@ import torch
 from clara.base_config import gguf_config, hf_config
 from clara.config import ConfigError, DecoderConfig
 from clara.decoder import Decoder
+from clara.errors import InputError
 from clara.files import read_json
 from clara.gguf_file import GGUFFile, GGUFFormatError, read_gguf
 from clara.sources import SourceError, embedded_model_path, resolve_source
@@ -37,7 +38,7 @@ __all__ = ["DTYPES", "WeightsError", "load_base", "load_hf_directory", "load_ggu
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class WeightsError(RuntimeError):
+class WeightsError(InputError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
 
 

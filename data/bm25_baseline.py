@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clara.command import command_main
 from clara.data.bm25 import BM25Index
 from clara.data.cli import command_parser
-from clara.data.formats import Stage2Example, ValidationError, example_class, read_stage_file
+from clara.data.formats import Stage2Example, example_class, read_stage_file
 from clara.data.metrics import RETRIEVAL_KS, retrieval_scores
 from clara.files import atomic_write_json, atomic_write_text
 from clara.stages import STAGE_NAMES
@@ -93,13 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_main("clara-data bm25")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = [evaluate_file(path, args.stage, args.k1, args.b) for path in args.files]
-    except (ValidationError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    results = [evaluate_file(path, args.stage, args.k1, args.b) for path in args.files]
     prefix = Path(args.out)
     table = markdown_table(results)
     atomic_write_json(prefix.with_name(prefix.name + ".json"), results)

@@ -22,6 +22,8 @@ import sys
 import textwrap
 from typing import Sequence
 
+from clara.command import CommandParser, command_main, fail
+
 # subcommand -> (module, one line for the overview)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("clara.data.validate", "check stage JSONL files; every problem as file:line: field: message"),
@@ -44,7 +46,7 @@ def command_parser(subcommand: str, description: str, epilog: str | None = None)
     """The argument parser of a `clara-data` subcommand: its usage line says `clara-data
     SUBCOMMAND`, and its description ends with the `python -m` form of the same command."""
     module = SUBCOMMANDS[subcommand][0]
-    return argparse.ArgumentParser(
+    return CommandParser(
         prog=f"clara-data {subcommand}",
         description=f"{_fill(description)}\n\nAlso runs as: python -m {module} [same flags]",
         epilog=_fill(epilog) if epilog else None,
@@ -61,6 +63,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@command_main("clara-data")
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:  # a usage error: the overview goes to stderr, as argparse does
@@ -71,9 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name not in SUBCOMMANDS:
-        print(f"clara-data: unknown subcommand {name!r}; choose from {', '.join(SUBCOMMANDS)}",
-              file=sys.stderr)
-        return 2
+        return fail("clara-data", f"unknown subcommand {name!r}; choose from {', '.join(SUBCOMMANDS)}")
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return module.main(rest)
 

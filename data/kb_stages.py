@@ -19,10 +19,11 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from clara.command import command_main
 from clara.data.cli import command_parser
 from clara.data.conversion import StageOutputs, write_outputs
 from clara.data.formats import Stage1_2Example, Stage1Example, Stage2Example
-from clara.data.knowledge_base import (KBDocument, KnowledgeBaseError, QAPair, coverage_report,
+from clara.data.knowledge_base import (KBDocument, QAPair, coverage_report,
                                        format_coverage_report, load_knowledge_base)
 
 # Words too common to say anything about which document a question is about. A list of its own,
@@ -190,23 +191,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@command_main("clara-data kb")
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        documents = load_knowledge_base(args.kb)
-    except KnowledgeBaseError as err:
-        print(f"error: invalid knowledge base:\n{err}", file=sys.stderr)
-        return 2
+    documents = load_knowledge_base(args.kb)
     if args.coverage:
         entries = coverage_report(documents)
         print(format_coverage_report(entries))
         return 0 if all(entry.covered for entry in entries) else 1
-    try:
-        config = ConversionConfig(dev_fraction=args.dev_fraction, seed=args.seed, n_candidates=args.n_candidates, top_k=args.top_k)
-        counts = convert(documents, args.out, config)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = ConversionConfig(dev_fraction=args.dev_fraction, seed=args.seed, n_candidates=args.n_candidates, top_k=args.top_k)
+    counts = convert(documents, args.out, config)
     print(f"{len(documents)} documents, {sum(len(d.questions) for d in documents)} questions -> {args.out}")
     for stem, count in counts.items():
         print(f"  {stem}.jsonl: {count} rows")

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from clara.command import command_main
 from clara.data.bm25 import BM25Index
 from clara.data.cli import command_parser
 from clara.data.conversion import (StageOutputs, add_converter_flags, add_out_dir_flag, cap_words, dev_keys,
@@ -277,19 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_main("clara-data medquad")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = MedQuADSettings(args.top_k, args.num_candidates, args.dev_fraction, args.seed,
                                args.max_doc_words, args.k1, args.b)
-    try:
-        settings.check()
-        records = load_medquad(args.input, args.max_rows)
-        started = time.perf_counter()
-        outputs = convert_medquad(records, settings)
-        seconds = time.perf_counter() - started
-    except (ValidationError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    settings.check()
+    records = load_medquad(args.input, args.max_rows)
+    started = time.perf_counter()
+    outputs = convert_medquad(records, settings)
+    seconds = time.perf_counter() - started
     summary = write_outputs(args.out_dir, outputs, {"input": args.input, "max_rows": args.max_rows,
                                                     **asdict(settings)}, settings.top_k)
     for name, rows in summary["files"].items():

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from clara.errors import InputError
+
 URL_ENV = "NUTRIBOT_LLM_URL"
 KEY_ENV = "NUTRIBOT_LLM_KEY"
 MODEL_ENV = "NUTRIBOT_LLM_MODEL"
@@ -32,7 +34,7 @@ class TextGenerator(Protocol):
     def complete(self, prompt: str) -> str: ...
 
 
-class GeneratorError(RuntimeError):
+class GeneratorError(InputError, RuntimeError):
     """The generator could not produce any reply (as opposed to a reply we cannot parse)."""
 
 

@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from clara.command import command_main
 from clara.data.cli import command_parser
 from clara.data.pdf_chunk import Chunk, ChunkConfig, Tokenizer, WhitespaceTokenizer, chunk_pages
 from clara.data.pdf_clean import PageText, clean_pages
@@ -224,25 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_main("clara-data pdfs")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        chunk_config = ChunkConfig(doc_max_length=args.doc_max_length, overlap=args.overlap)
-        generation_config = None
-        if not args.no_qa:
-            generation_config = GenerationConfig(qa_per_chunk=args.qa_per_chunk,
-                                                 paraphrase=not args.no_paraphrase,
-                                                 max_retries=args.max_retries)
-        if args.workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {args.workers}")
-        if args.limit_chunks is not None and args.limit_chunks < 1:
-            raise ValueError(f"--limit_chunks must be at least 1, got {args.limit_chunks}")
-        generator = None if args.no_qa else build_generator(args)
-        tokenizer = load_chunk_tokenizer(args.tokenizer)
-        documents, report = extract_all(args.input, workers=args.workers)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+    chunk_config = ChunkConfig(doc_max_length=args.doc_max_length, overlap=args.overlap)
+    generation_config = None
+    if not args.no_qa:
+        generation_config = GenerationConfig(qa_per_chunk=args.qa_per_chunk, paraphrase=not args.no_paraphrase,
+                                             max_retries=args.max_retries)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.limit_chunks is not None and args.limit_chunks < 1:
+        raise ValueError(f"--limit_chunks must be at least 1, got {args.limit_chunks}")
+    generator = None if args.no_qa else build_generator(args)
+    tokenizer = load_chunk_tokenizer(args.tokenizer)
+    documents, report = extract_all(args.input, workers=args.workers)
 
     chunks = chunk_all(documents, tokenizer, chunk_config)
     atomic_write_jsonl(args.out / CHUNKS_NAME, (chunk.to_json() for chunk in chunks))

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from clara.command import command_main
 from clara.data.bm25 import BM25Index
 from clara.data.cli import command_parser
 from clara.data.conversion import (StageOutputs, add_converter_flags, add_out_dir_flag, cap_words, dev_keys,
@@ -367,20 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_main("clara-data pubmedqa")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = PubMedQASettings(args.top_k, args.num_candidates, args.dev_fraction, args.seed,
                                 args.answer_style, args.max_doc_words, args.k1, args.b)
-    try:
-        settings.check()
-        if args.input is not None:
-            records = load_pubmedqa(args.input, args.max_rows)
-        else:
-            records = load_pubmedqa_hf(args.hf, args.max_rows)
-        outputs = convert_pubmedqa(records, settings)
-    except (ValidationError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    settings.check()
+    if args.input is not None:
+        records = load_pubmedqa(args.input, args.max_rows)
+    else:
+        records = load_pubmedqa_hf(args.hf, args.max_rows)
+    outputs = convert_pubmedqa(records, settings)
     source = {"input": args.input} if args.input is not None else {"hf": args.hf}
     summary = write_outputs(args.out_dir, outputs, {**source, "max_rows": args.max_rows,
                                                     **asdict(settings)}, settings.top_k)

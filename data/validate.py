@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from clara.command import command_main, fail
 from clara.data.cli import command_parser
 from clara.data.formats import FileReport, Stage1Example, Stage2Example, validate_stage_file
 from clara.stages import STAGES
@@ -60,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_main("clara-data validate")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k is not None and args.top_k < 1:
-        print(f"--top_k must be at least 1, got {args.top_k}", file=sys.stderr)
-        return 2
+        return fail("clara-data validate", f"--top_k must be at least 1, got {args.top_k}")
     any_problem = False
     for path in args.files:
         report = validate_stage_file(path, args.stage, args.top_k)

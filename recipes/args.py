@@ -17,6 +17,7 @@ import argparse
 from collections.abc import Sequence
 
 from clara.recipes.train_config import TrainConfig
+from clara.command import CommandParser
 from clara.config import MAX_COMPRESS_RATE
 from clara.stages import STAGE_NAMES
 
@@ -26,12 +27,21 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 IGNORED = "Accepted for compatibility with the official CLI and ignored"
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help of flags that take a value; a switch's own help says what it does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clara-train",
         description="Train CLaRa (compressor + generator adapters over one frozen decoder) for one stage. "
                     "Flags follow the official ml-clara train_sft.py; DeepSpeed-only flags are accepted and ignored.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
 
     model = parser.add_argument_group("model")
@@ -77,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ckpt = parser.add_argument_group("checkpoints")
     ckpt.add_argument("--save_path", type=str, default="./ckpt",
-                      help="Output folder: step_N/ checkpoints, metrics.jsonl, the loss curve and the final model")
+                      help="The run folder, owned by one run: run.json (what the run is), metrics.jsonl, "
+                           "loss_curve.png, the final model in final/ and the step checkpoints in "
+                           "checkpoints/step_N/. A folder holding another run is refused unless --overwrite "
+                           "or --load_checkpoint")
     ckpt.add_argument("--save_steps", type=int, default=-1,
                       help="Save a resumable checkpoint every N optimizer steps; -1 never (final model only), "
                            "-2 at the end of every epoch")
@@ -90,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(the newest complete one is used); default <save_path>/checkpoints, so each run "
                            "keeps its own (the official default, ./ckpt/checkpoints_sft, was shared by every "
                            "run started from one folder)")
+    ckpt.add_argument("--overwrite", action="store_true", default=False,
+                      help="Start afresh in a --save_path that already holds a run: its run.json, metrics.jsonl, "
+                           "loss_curve.png, final/ and checkpoints/ are removed first (other files are left)")
     ckpt.add_argument("--load_checkpoint", action="store_true", default=False,
                       help="Resume from the newest checkpoint in --ckpt_path when there is one: adapters, "
                            "optimizer, scheduler, loss scaler, RNG states and the data position. A checkpoint "

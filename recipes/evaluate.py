@@ -45,13 +45,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clara.checkpoint import CheckpointError, find_clara_checkpoint
+from clara.command import CommandParser, command_main, fail, parse_device
+from clara.checkpoint import find_clara_checkpoint
 from clara.config import ClaraConfig
 from clara.model import Clara
 from clara.stages import EVAL_STAGES, QUERY, get_stage
-from clara.weights import DTYPES, WeightsError
+from clara.weights import DTYPES
 from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from clara.data.formats import Stage1Example, ValidationError, read_stage_file
+from clara.data.formats import Stage1Example, read_stage_file
 from clara.data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
 
 @dataclass
@@ -279,7 +280,7 @@ def write_outputs(evaluation: Evaluation, output: str | Path, summary: dict[str,
 # Command line
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clara-eval",
         description="Evaluate a Clara model on a stage1 / stage1_2 / stage2 JSONL file: EM, cover-EM (acc) and "
                     "token F1 over every reference answer, yes/no/maybe accuracy and macro-F1 where the "
@@ -321,26 +322,18 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
+@command_main("clara-eval")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problem = _check_arguments(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return fail("clara-eval", problem)
     options = EvalOptions(args.stage, args.generation_top_k, args.max_new_tokens, args.batch_size,
                           args.max_samples, args.seed)
-    try:
-        examples = load_examples(args.data, args.stage, args.generation_top_k, args.max_samples)
-    except ValidationError as error:
-        print(f"error: {args.data}: not a valid {args.stage} file: {error}", file=sys.stderr)
-        return 1
+    examples = load_examples(args.data, args.stage, args.generation_top_k, args.max_samples)
+    device = parse_device(args.device)
     started = time.perf_counter()
-    try:
-        model, untrained = load_model(args.model, args.stage, args.generation_top_k, DTYPES[args.dtype], args.device,
-                                      args.seed)
-    except (CheckpointError, WeightsError, ValueError, OSError) as error:
-        print(f"error: cannot load --model {args.model}: {error}", file=sys.stderr)
-        return 1
+    model, untrained = load_model(args.model, args.stage, args.generation_top_k, DTYPES[args.dtype], device, args.seed)
     load_seconds = time.perf_counter() - started
     kind = "a fresh, UNTRAINED Clara on base" if untrained else "Clara checkpoint"
     print(f"[clara.recipes.evaluate] {kind} {args.model} loaded in {load_seconds:.1f}s; {len(examples)} {args.stage} "
@@ -348,15 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if untrained:
         print("[clara.recipes.evaluate] note: the adapters are random, so expect scores near zero", file=sys.stderr)
     if get_stage(args.stage).retrieves and QUERY not in model.adapter_names:
-        print(f"error: {args.model} has no query reasoner (a {model.config.training_stage} checkpoint); "
-              "evaluate it on stage1_2 files, or train stage2 first", file=sys.stderr)
-        return 1
+        return fail("clara-eval", f"--model {args.model} has no query reasoner (a {model.config.training_stage} "
+                    "checkpoint); evaluate it on stage1_2 files, or train stage2 first")
     started = time.perf_counter()
-    try:
-        evaluation = evaluate(model, examples, options)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    evaluation = evaluate(model, examples, options)
     seconds = time.perf_counter() - started
     summary = {"model": args.model, "untrained": untrained, "data": args.data, "stage": args.stage,
                "rows": len(examples), "predictions": len(evaluation.predictions),

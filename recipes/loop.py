@@ -25,6 +25,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara.data.metrics import answer_scores
-from clara.checkpoint import CheckpointError, find_clara_checkpoint, load_trained_weights
+from clara.checkpoint import CheckpointError, find_clara_checkpoint, load_trained_weights, read_checkpoint_config
 from clara.config import ClaraConfig
 from clara.files import read_json
 from clara.stages import get_stage
@@ -47,8 +49,9 @@ from clara.recipes.run_identity import check_same_run, run_identity
 from clara.recipes.plot import write_loss_curve_png
 from clara.recipes.schedule import OFFICIAL_MIN_LR_RATIO, lr_at
 from clara.recipes.train_config import TrainConfig
-from clara.recipes.train_state import (STATE_FILE, capture_rng, find_latest_checkpoint, load_train_state,
-                                       prune_checkpoints, restore_rng, save_rng, save_train_state,
+from clara.recipes.run_folder import RUN_FILE, check_run_folder, clear_run_outputs, read_run_file, write_run_file
+from clara.recipes.train_state import (STATE_FILE, capture_rng, find_latest_checkpoint, find_resumable_checkpoint,
+                                       load_train_state, prune_checkpoints, restore_rng, save_rng, save_train_state,
                                        write_checkpoint_atomically)
 
 log = logging.getLogger("clara.recipes.train")
@@ -93,15 +96,44 @@ class TrainResult:
 def run_switches(args: TrainConfig) -> dict[str, Any]:
     """ClaraConfig fields that belong to a run, not to a model: a loaded checkpoint takes them
     from this run's flags; every other field comes from the checkpoint."""
-    return {"generation_top_k": args.generation_top_k, "mse_loss": args.mse_loss, "qa_loss": args.qa_loss}
+    return {"generation_top_k": args.generation_top_k, "mse_loss": args.mse_loss, "qa_loss": args.qa_loss,
+            "lora_dropout": args.lora_dropout}
+
+
+def start_checkpoint(args: TrainConfig) -> Path | None:
+    """The Clara checkpoint the run starts from (--pretrain_checkpoint, or --pretrain naming one)."""
+    checkpoint = find_clara_checkpoint(args.pretrain_checkpoint) or find_clara_checkpoint(args.pretrain)
+    if args.pretrain_checkpoint and checkpoint is None:
+        raise CheckpointError(f"--pretrain_checkpoint {args.pretrain_checkpoint}: not a Clara checkpoint "
+                              "(no clara.json in it or in its final/)")
+    return checkpoint
+
+
+def check_flags_match_checkpoint(args: TrainConfig) -> None:
+    """A checkpoint to start from fixes the shapes of what it holds; a flag asking for another shape
+    is refused, where loading would silently keep the checkpoint's (and the run identity would lie)."""
+    checkpoint = start_checkpoint(args)
+    if checkpoint is None:
+        return
+    config = read_checkpoint_config(checkpoint)
+    targets = ("all-linear" if args.target_modules == ["all-linear"] else tuple(args.target_modules))
+    pairs = {"compress_rate": (config.compress_rate, args.compress_rate),
+             "doc_max_length": (config.doc_max_length, args.doc_max_length),
+             "lora_rank": (config.lora_r, args.lora_rank),
+             "lora_alpha": (config.lora_alpha, args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank),
+             "target_modules": (config.lora_target_modules, targets)}
+    differences = [f"--{flag} {mine} (the checkpoint has {theirs})" for flag, (theirs, mine) in pairs.items()
+                   if theirs != mine]
+    if differences:
+        fix = " ".join(f"--{flag} {' '.join(theirs) if isinstance(theirs, tuple) else theirs}"
+                       for flag, (theirs, mine) in pairs.items() if theirs != mine)
+        raise CheckpointError(f"{checkpoint}: this run asks for {', '.join(differences)}; a checkpoint keeps the "
+                              f"shapes it was trained with: pass {fix}")
 
 
 def build_model(args: TrainConfig, precision, device) -> Clara:
     stage = args.stage
-    checkpoint = find_clara_checkpoint(args.pretrain_checkpoint) or find_clara_checkpoint(args.pretrain)
-    if args.pretrain_checkpoint and checkpoint is None:
-        raise FileNotFoundError(f"--pretrain_checkpoint {args.pretrain_checkpoint}: not a Clara checkpoint "
-                                "(no clara.json in it or in its final/)")
+    checkpoint = start_checkpoint(args)
     if checkpoint is not None:
         base = args.pretrain if args.pretrain_checkpoint and not find_clara_checkpoint(args.pretrain) else None
         model = Clara.from_pretrained(checkpoint, base=base, training_stage=stage, dtype=precision.weight_dtype,
@@ -109,7 +141,6 @@ def build_model(args: TrainConfig, precision, device) -> Clara:
     else:
         config = ClaraConfig(compress_rate=args.compress_rate, doc_max_length=args.doc_max_length,
                              training_stage=stage, lora_r=args.lora_rank, lora_alpha=args.lora_alpha,
-                             lora_dropout=args.lora_dropout,
                              lora_target_modules="all-linear" if args.target_modules == ["all-linear"]
                              else tuple(args.target_modules), **run_switches(args))
         model = Clara.from_base(args.pretrain, config, dtype=precision.weight_dtype, device=device)
@@ -202,23 +233,9 @@ def checkpoint_root(args: TrainConfig) -> Path:
     return Path(args.ckpt_path) if args.ckpt_path else Path(args.save_path) / "checkpoints"
 
 
-def train(args: TrainConfig) -> TrainResult:
-    dist = init_distributed()
-    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    device = pick_device(args.device, dist.local_rank)
-    precision = choose_precision(device, args.bf16)
-    log.info("device %s, %s", device, precision.note)
-    if args.flash_attn:
-        log.info(flash_attention_note(device, precision.autocast_dtype))
-
-    model = build_model(args, precision, device)
-    n_trainable = sum(p.numel() for _, p in model.trainable_named_parameters())
-    log.info("stage %s: %d trainable parameters (%s)", args.stage, n_trainable,
-             ", ".join(sorted({n.split(".adapters.")[-1].split(".")[0] if ".adapters." in n else n
-                               for n, _ in model.trainable_named_parameters()})))
+def load_run_data(args: TrainConfig) -> tuple[list, list | None]:
+    """The training (and evaluation) examples, read and validated before any model is loaded, so a
+    mistake in the data costs no model load."""
     stage = get_stage(args.stage)
     # The document counts are checked against --generation_top_k except on stage1's typed rows.
     top_k = None if stage.typed_rows else args.generation_top_k
@@ -231,8 +248,75 @@ def train(args: TrainConfig) -> TrainResult:
                                          top_k=top_k)
         if stage.typed_rows:
             eval_examples = ds.select_stage1_rows(eval_examples, args.qa_loss)
+    return examples, eval_examples
+
+
+class StopRequest:
+    """Ctrl-C asks the run to stop after the optimizer step it is in: that step completes, a step
+    checkpoint is saved, and the run exits, so the saved RNG states and data position are the ones
+    the next step would have used. A second Ctrl-C stops at once, saving nothing (the newest step
+    checkpoint stays the one to resume)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step, then saving a checkpoint and stopping "
+                    "(Ctrl-C again stops at once without saving)")
+
+
+def train(args: TrainConfig) -> TrainResult:
+    dist = init_distributed()
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = pick_device(args.device, dist.local_rank)
+    precision = choose_precision(device, args.bf16)
+
+    # Everything a user can get wrong is checked before the model loads: the data, the run folder,
+    # the checkpoint to resume, the flags against a checkpoint to start from.
+    examples, eval_examples = load_run_data(args)
     log.info("%d training examples%s", len(examples),
              f", {len(eval_examples)} evaluation examples" if eval_examples else "")
+    save_path, root = Path(args.save_path), checkpoint_root(args)
+    identity = run_identity(args, examples)
+    latest = None
+    if args.load_checkpoint:
+        latest = find_resumable_checkpoint(root, warn=log.warning if dist.is_main else lambda message: None)
+        if latest is None:
+            log.info("--load_checkpoint: no checkpoint in %s; starting afresh", root)
+        else:
+            check_same_run(read_run_identity(latest), identity, str(latest))
+    if latest is not None and (recorded := read_run_file(save_path)) is not None:
+        check_same_run(recorded, identity, str(save_path / RUN_FILE))
+    doomed = check_run_folder(save_path, root, resuming=latest is not None, overwrite=args.overwrite)
+    check_flags_match_checkpoint(args)
+
+    log.info("device %s, %s", device, precision.note)
+    if args.flash_attn:
+        log.info(flash_attention_note(device, precision.autocast_dtype))
+    model = build_model(args, precision, device)
+    n_trainable = sum(p.numel() for _, p in model.trainable_named_parameters())
+    log.info("stage %s: %d trainable parameters (%s)", args.stage, n_trainable,
+             ", ".join(sorted({n.split(".adapters.")[-1].split(".")[0] if ".adapters." in n else n
+                               for n, _ in model.trainable_named_parameters()})))
+    identity = run_identity(args, examples, model.base_fingerprint)
+    if latest is not None:
+        check_same_run(read_run_identity(latest), identity, str(latest))  # the base, now that it is loaded
 
     global_batch = args.train_batch_size
     per_epoch = ds.steps_per_epoch(len(examples), global_batch)
@@ -241,13 +325,7 @@ def train(args: TrainConfig) -> TrainResult:
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     position = Position()
-    root = checkpoint_root(args)
-    latest = find_latest_checkpoint(root) if args.load_checkpoint else None
-    if args.load_checkpoint and latest is None:
-        log.info("--load_checkpoint: no checkpoint in %s; starting fresh", root)
-    identity = run_identity(args, model.base_fingerprint, examples)
     if latest is not None:
-        check_same_run(read_run_identity(latest), identity, str(latest))
         restore_weights(latest, model)  # before sharding: the files hold whole tensors
     module, how = wrap_model(model, dist, args.zero_stage, device)
     log.info("%s; %d steps (%d per epoch, %d epochs%s), global batch %d, micro-batch %d", how, total_steps,
@@ -259,61 +337,81 @@ def train(args: TrainConfig) -> TrainResult:
         position = restore_training_state(latest, model, optimizer, scaler, dist)
         log.info("resumed from %s at step %d", latest, position.global_step)
 
-    save_path = Path(args.save_path)
     if dist.is_main:
+        if doomed:
+            log.warning("--overwrite: removing the previous run's %s", ", ".join(str(p) for p in doomed))
+            clear_run_outputs(doomed)
         save_path.mkdir(parents=True, exist_ok=True)
+        write_run_file(save_path, identity, args.to_dict())
+    barrier(dist)
     result = TrainResult()
     history = _read_history(save_path / "metrics.jsonl", position.global_step) if dist.is_main else []
     model.train()
+    evaluated_at = None
     bar = tqdm(total=total_steps, initial=position.global_step, disable=not dist.is_main,
                desc=f"{args.stage}", unit="step", dynamic_ncols=True)
-    try:
-        while position.global_step < total_steps:
-            order = ds.epoch_order(len(examples), args.seed, position.epoch)
-            indices = ds.global_batch_indices(order, position.step_in_epoch, global_batch)
-            mine = ds.rank_slice(indices, dist.rank, dist.world_size)
-            lr = lr_at(position.global_step, total_steps, args.learning_rate, warmup_ratio=args.lr_warmup_ratio,
-                       min_lr_ratio=OFFICIAL_MIN_LR_RATIO, kind=args.lr_scheduler)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            started = time.perf_counter()
-            batches = [model.collate([examples[i] for i in chunk], max_len=args.max_len)
-                       for chunk in ds.micro_batches(mine, args.micro_train_batch_size)]
-            loss, lm, mse, grad_norm, tokens = train_step(module, model, batches, optimizer, scaler, precision,
-                                                           device, dist, args.max_norm)
-            seconds = time.perf_counter() - started
-            input_tokens = int(all_reduce_sum(sum(_input_tokens(b) for b in batches), dist, device))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {position.global_step + 1}: loss is {loss}; stopping "
-                                         "(lower --learning_rate, or check the data)")
-            position.global_step += 1
-            position.step_in_epoch += 1
-            end_of_epoch = position.step_in_epoch >= per_epoch
-            if end_of_epoch:
-                position.epoch += 1
-                position.step_in_epoch = 0
-            step = StepResult(position.global_step, loss, lm, mse, lr, grad_norm, tokens, seconds, input_tokens)
-            result.steps.append(step)
-            history.append(step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{input_tokens / max(seconds, 1e-9):.0f}")
-            if dist.is_main and (position.global_step % max(args.logging_steps, 1) == 0
-                                 or position.global_step == total_steps):
-                _append_metrics(save_path / "metrics.jsonl", step, position)
-            if eval_examples and args.eval_steps > 0 and position.global_step % args.eval_steps == 0:
-                _evaluate(model, module, eval_examples, args, precision, device, dist, save_path, position)
-            # The last step is a step checkpoint too (when the run saves any), so a run can be extended.
-            save_now = (args.save_steps > 0 and position.global_step % args.save_steps == 0) or (
-                args.save_steps == -2 and end_of_epoch) or (args.save_steps != -1 and position.global_step == total_steps)
-            if save_now:
-                save_checkpoint(root, model, optimizer, scaler, position, args, dist, identity)
-    except KeyboardInterrupt:
-        result.interrupted = True
-        bar.close()
-        log.warning("interrupted: saving a checkpoint at step %d before exiting", position.global_step)
-        save_checkpoint(root, model, optimizer, scaler, position, args, dist, identity)
-        shutdown(dist)
-        return result
+    with StopRequest() as stop:
+        try:
+            while position.global_step < total_steps:
+                order = ds.epoch_order(len(examples), args.seed, position.epoch)
+                indices = ds.global_batch_indices(order, position.step_in_epoch, global_batch)
+                mine = ds.rank_slice(indices, dist.rank, dist.world_size)
+                lr = lr_at(position.global_step, total_steps, args.learning_rate, warmup_ratio=args.lr_warmup_ratio,
+                           min_lr_ratio=OFFICIAL_MIN_LR_RATIO, kind=args.lr_scheduler)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                started = time.perf_counter()
+                batches = [model.collate([examples[i] for i in chunk], max_len=args.max_len)
+                           for chunk in ds.micro_batches(mine, args.micro_train_batch_size)]
+                loss, lm, mse, grad_norm, tokens = train_step(module, model, batches, optimizer, scaler, precision,
+                                                               device, dist, args.max_norm)
+                seconds = time.perf_counter() - started
+                input_tokens = int(all_reduce_sum(sum(_input_tokens(b) for b in batches), dist, device))
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"step {position.global_step + 1}: loss is {loss}; stopping "
+                                             "(lower --learning_rate, or check the data)")
+                epoch = position.epoch  # the epoch this step belongs to, for the log
+                position.global_step += 1
+                position.step_in_epoch += 1
+                end_of_epoch = position.step_in_epoch >= per_epoch
+                if end_of_epoch:
+                    position.epoch += 1
+                    position.step_in_epoch = 0
+                step = StepResult(position.global_step, loss, lm, mse, lr, grad_norm, tokens, seconds, input_tokens)
+                result.steps.append(step)
+                history.append(step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{input_tokens / max(seconds, 1e-9):.0f}")
+                if dist.is_main and (position.global_step % max(args.logging_steps, 1) == 0
+                                     or position.global_step == total_steps):
+                    _append_metrics(save_path / "metrics.jsonl", step, epoch)
+                if eval_examples and ((args.eval_steps > 0 and position.global_step % args.eval_steps == 0)
+                                      or (args.eval_steps == -1 and end_of_epoch)):
+                    _evaluate(model, module, eval_examples, args, precision, device, dist, save_path, position)
+                    evaluated_at = position.global_step
+                # The last step is a step checkpoint too (when the run saves any), so a run can be extended.
+                saved = (args.save_steps > 0 and position.global_step % args.save_steps == 0) or (
+                    args.save_steps == -2 and end_of_epoch) or (args.save_steps != -1
+                                                                and position.global_step == total_steps)
+                if saved:
+                    save_checkpoint(root, model, optimizer, scaler, position, args, dist, identity)
+                if all_reduce_sum(int(stop.requested), dist, device) and position.global_step < total_steps:
+                    result.interrupted = True
+                    bar.close()
+                    log.warning("interrupted: %s step %d before exiting",
+                                "saved a checkpoint at" if saved else "saving a checkpoint at", position.global_step)
+                    if not saved:
+                        save_checkpoint(root, model, optimizer, scaler, position, args, dist, identity)
+                    shutdown(dist)
+                    return result
+        except KeyboardInterrupt:  # a second Ctrl-C: the step in progress is lost, nothing is saved
+            result.interrupted = True
+            bar.close()
+            newest = find_latest_checkpoint(root)
+            log.warning("stopped at once during step %d; nothing saved%s", position.global_step + 1,
+                        f" (the newest checkpoint is {newest})" if newest else "")
+            shutdown(dist)
+            return result
     bar.close()
 
     final = save_path / "final"
@@ -326,7 +424,7 @@ def train(args: TrainConfig) -> TrainResult:
         if history:
             write_loss_curve_png(save_path / "loss_curve.png", [s.step for s in history], [s.loss for s in history],
                                  title=f"{args.stage} training loss")
-    if eval_examples and (args.eval_steps <= 0 or position.global_step % args.eval_steps):
+    if eval_examples and evaluated_at != position.global_step:
         _evaluate(model, module, eval_examples, args, precision, device, dist, save_path, position)
     barrier(dist)
     shutdown(dist)
@@ -405,8 +503,8 @@ def _random_state_from_json(s):
 # ---------------------------------------------------------------------------------------------
 # Metrics and evaluation
 # ---------------------------------------------------------------------------------------------
-def _append_metrics(path: Path, step: StepResult, position: Position) -> None:
-    row = {"step": step.step, "epoch": position.epoch, "loss": step.loss, "lm_loss": step.lm_loss,
+def _append_metrics(path: Path, step: StepResult, epoch: int) -> None:
+    row = {"step": step.step, "epoch": epoch, "loss": step.loss, "lm_loss": step.lm_loss,
            "mse_loss": step.mse_loss, "lr": step.lr, "grad_norm": step.grad_norm, "tokens": step.tokens,
            "seconds": round(step.seconds, 4), "input_tokens": step.input_tokens,
            "tokens_per_s": round(step.input_tokens / max(step.seconds, 1e-9), 2)}
@@ -426,6 +524,8 @@ def _read_history(path: Path, up_to_step: int) -> list[StepResult]:
             continue
         if row.get("step", 0) <= up_to_step:
             kept_lines.append(line)
+            if "loss" not in row:  # an evaluation row
+                continue
             out.append(StepResult(row["step"], row["loss"], row.get("lm_loss"), row.get("mse_loss"), row["lr"],
                                   row.get("grad_norm", 0.0), row.get("tokens", 0), row.get("seconds", 0.0)))
     tmp = path.with_suffix(".jsonl.tmp")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from clara.command import CommandParser, command_main
 from clara.recipes.memory_model import (
     GiB,
     MemoryPlan,
@@ -67,7 +68,7 @@ def plan_from_args(args: Any) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="clara-plan",
+    ap = CommandParser(prog="clara-plan",
                                  description="Estimate the peak memory of one CLaRa training step and the largest "
                                              "micro-batch that fits a budget.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -97,19 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@command_main("clara-plan")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_model_config(args.model)
-        kwargs = dict(stage=args.stage, max_len=args.max_len, doc_max_length=args.doc_max_length,
-                      compress_rate=args.compress_rate, generation_top_k=args.generation_top_k, lora_r=args.lora_rank,
-                      lora_targets=args.target_modules, lora_dropout=args.lora_dropout, weight_dtype=args.dtype,
-                      compute_dtype=args.compute_dtype or args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                      n_docs_per_example=args.n_docs, logits_tokens=args.logits_tokens)
-        plan = estimate_peak_memory(cfg, micro_batch=args.micro_batch, **kwargs)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_model_config(args.model)
+    kwargs = dict(stage=args.stage, max_len=args.max_len, doc_max_length=args.doc_max_length,
+                  compress_rate=args.compress_rate, generation_top_k=args.generation_top_k, lora_r=args.lora_rank,
+                  lora_targets=args.target_modules, lora_dropout=args.lora_dropout, weight_dtype=args.dtype,
+                  compute_dtype=args.compute_dtype or args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                  n_docs_per_example=args.n_docs, logits_tokens=args.logits_tokens)
+    plan = estimate_peak_memory(cfg, micro_batch=args.micro_batch, **kwargs)
     budget = int(args.memory_budget_gb * GiB)
     if args.logits_tokens is not None:
         kwargs.pop("logits_tokens")  # a fixed count would not grow with the batch

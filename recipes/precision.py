@@ -45,10 +45,10 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available")
+            raise ValueError("--device cuda: this torch sees no CUDA device; use --device cpu or auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if requested == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device mps: MPS is not available")
+        raise ValueError("--device mps: MPS is not available on this machine; use --device cpu or auto")
     return torch.device(requested)
 
 

@@ -28,23 +28,28 @@ def dataset_fingerprint(examples: Sequence[Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_identity(args, base_fingerprint: str, examples: Sequence[Any]) -> dict[str, Any]:
-    return {
+def run_identity(args, examples: Sequence[Any], base_fingerprint: str | None = None) -> dict[str, Any]:
+    """The identity of a run; without `base_fingerprint` (known once the model is loaded) it can
+    already be checked on everything else, before any model is loaded."""
+    identity = {
         "stage": args.stage,
-        "base": base_fingerprint,
         "dataset": dataset_fingerprint(examples),
         "shapes": {name: getattr(args, name) for name in SHAPE_FLAGS},
     }
+    if base_fingerprint is not None:
+        identity["base"] = base_fingerprint
+    return identity
 
 
-def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: str) -> None:
-    """Raise CheckpointError naming every difference between the checkpoint's run and this one."""
+def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+    """Raise CheckpointError naming every difference between the run recorded at `where` (a step
+    checkpoint or a run folder's run.json) and this one; a key `current` lacks is not compared."""
     if saved is None:
-        raise CheckpointError(f"{checkpoint}: records no run identity (written by an older version), so "
-                              "it cannot be checked against this run; start fresh without --load_checkpoint")
+        raise CheckpointError(f"{where}: records no run identity (written by an older version), so "
+                              "it cannot be checked against this run; start afresh with --overwrite")
     differences = []
     for key in ("stage", "base", "dataset"):
-        if saved.get(key) != current[key]:
+        if key in current and saved.get(key) != current[key]:
             what = {"base": "base model fingerprint", "dataset": "dataset fingerprint"}.get(key, key)
             differences.append(f"{what} {saved.get(key)!r} there, {current[key]!r} here")
     saved_shapes = saved.get("shapes", {})
@@ -53,5 +58,5 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], checkp
         if json.loads(json.dumps(saved_shapes.get(name))) != json.loads(json.dumps(value)):
             differences.append(f"--{name} {saved_shapes.get(name)!r} there, {value!r} here")
     if differences:
-        raise CheckpointError(f"{checkpoint}: belongs to another run ({'; '.join(differences)}); "
+        raise CheckpointError(f"{where}: belongs to another run ({'; '.join(differences)}); "
                               "resume with that run's flags, or give this run its own --save_path")

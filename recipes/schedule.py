@@ -2,14 +2,16 @@
 
 With W = ceil(warmup_ratio * total_steps) warmup steps and progress p = (step - W) / max(1, total - W):
 
-    warmup (step < W):     lr = base_lr * step / W                       (0 at step 0)
+    warmup (step < W):     lr = base_lr * (step + 1) / W    (the first update already learns)
     cosine_with_min_lr:    lr = base_lr * (m + (1 - m) * (1 + cos(pi p)) / 2),   m = min_lr_ratio
     cosine:                the same with m = 0
     linear:                lr = base_lr * max(0, (total - step) / max(1, total - W))
     constant_with_warmup:  lr = base_lr after warmup
     constant:              lr = base_lr always (no warmup)
 
-`step` counts optimizer steps already taken, so the first update uses lr_at(0). The loop computes
+`step` counts optimizer steps already taken, so the first update uses lr_at(0) = base_lr / W.
+transformers' warmup starts at 0, so the official run's first update changes nothing; ours
+reaches base_lr one step earlier (docs/official-differences.md). The loop computes
 the lr from the step count alone, so a resumed run needs no scheduler state. The official CLI
 passes min_lr = 0.1 * learning_rate, hence min_lr_ratio = 0.1. Past total_steps the cosine stays at
 its end value (transformers' would climb again).
@@ -42,7 +44,7 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float = 0.03, min_lr_ra
         return 1.0
     warm = warmup_steps(total_steps, warmup_ratio)
     if step < warm:
-        return step / warm
+        return (step + 1) / warm
     if kind == "constant_with_warmup":
         return 1.0
     if kind == "linear":

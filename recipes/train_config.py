@@ -65,6 +65,7 @@ class TrainConfig:
     # run folder, checkpoints, logging
     save_path: str
     save_steps: int
+    overwrite: bool
     ckpt_path: str | None
     load_checkpoint: bool
     max_ckpt_num: int

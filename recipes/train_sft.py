@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
+from clara.command import INTERRUPTED, command_main
 from clara.recipes.args import parse_args
 
 
+@command_main("clara-train")
 def main(argv: list[str] | None = None) -> int:
     # Growable CUDA segments instead of fixed-size blocks: the micro-batches' shapes vary, and
     # fixed blocks fragment the cache enough to fail a batch that the planner allows
@@ -26,15 +28,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(plan_from_args(args))
         return 0
-    from clara.checkpoint import CheckpointError
     from clara.recipes.loop import train
 
-    try:
-        result = train(args)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 130 if result.interrupted else 0
+    result = train(args)
+    return INTERRUPTED if result.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ A checkpoint folder `step_N/` holds (besides the adapters, which the model saves
                             data position and any extra counters
     rng_rank<R>.safetensors torch RNG states of process R as uint8 tensors ("torch_cpu",
                             "cuda.<device>"); Python's and NumPy's states as JSON in the file's metadata
+    manifest.json           the size and sha256 of every other file (the model's too), written last;
+                            `find_resumable_checkpoint` passes over a step whose files differ from it
 
 Folders are written under a temporary name inside `save_path` and renamed to `step_N` when
 complete, so a crash never leaves a half-written `step_N`; `latest` names the newest folder for
@@ -18,6 +20,7 @@ writes the rest and, after a barrier, calls `commit_checkpoint`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -37,6 +40,7 @@ from clara.files import read_json
 FORMAT = "clara-train-state/1"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
+MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp_"
@@ -337,10 +341,56 @@ def commit_checkpoint(save_path: str | Path, step: int) -> Path:
 
 
 def write_checkpoint_atomically(save_path: str | Path, step: int, write_fn: Callable[[Path], None]) -> Path:
-    """write_fn(temp folder) writes the files; then the folder becomes save_path/step_N atomically."""
+    """write_fn(temp folder) writes the files; their manifest is added; then the folder becomes
+    save_path/step_N atomically."""
     tmp = prepare_checkpoint_dir(save_path, step)
     write_fn(tmp)
+    write_manifest(tmp)
     return commit_checkpoint(save_path, step)
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest: a sha256 for every file of a step checkpoint
+# ------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """MANIFEST_FILE: the size and sha256 of every other file under `directory`."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    write_json_atomically(directory / MANIFEST_FILE, {"format": FORMAT, "files": files})
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise CheckpointError naming the first file of a step checkpoint that is missing, truncated
+    or changed since it was written (its size or sha256 differs from the manifest's)."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing, so the checkpoint's files cannot be checked "
+                              "(incomplete, or written by an older version)")
+    manifest = read_json(manifest_path, CheckpointError)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{manifest_path}: field 'files' is missing or empty")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.resolve().is_relative_to(directory.resolve()):
+            raise CheckpointError(f"{manifest_path}: file name {name!r} points outside the checkpoint")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            raise CheckpointError(f"{path}: {size} bytes, {MANIFEST_FILE} records {expected.get('bytes')} (truncated?)")
+        if _sha256(path) != expected.get("sha256"):
+            raise CheckpointError(f"{path}: corrupted (its sha256 differs from the one in {MANIFEST_FILE})")
 
 
 def list_checkpoints(save_path: str | Path) -> list[tuple[int, Path]]:
@@ -354,6 +404,27 @@ def list_checkpoints(save_path: str | Path) -> list[tuple[int, Path]]:
         if m and child.is_dir():
             found.append((int(m.group(1)), child))
     return sorted(found)
+
+
+def find_resumable_checkpoint(save_path: str | Path, warn: Callable[[str], None] = lambda message: None) -> Path | None:
+    """The newest step_N folder whose files all match its manifest, or None when there is no
+    step_N at all. A newer one that fails the check is passed over with a `warn`ing that names the
+    bad file; when every one fails, CheckpointError lists them (nothing to resume, yet the folder
+    is not empty: starting afresh would be a silent loss)."""
+    found = list_checkpoints(save_path)
+    problems = []
+    for _, path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            problems.append(str(error))
+            warn(f"{path.name} cannot be resumed: {error}; trying the previous step checkpoint")
+            continue
+        return path
+    if problems:
+        raise CheckpointError(f"{save_path}: no step checkpoint is complete ({'; '.join(problems)}); "
+                              "start afresh with --overwrite")
+    return None
 
 
 def find_latest_checkpoint(save_path: str | Path) -> Path | None:

@@ -96,6 +96,6 @@ def test_bm25_baseline_on_a_hand_made_stage2_file(tmp_path, capsys):
 def test_bm25_baseline_needs_pos_index(tmp_path, capsys):
     path = tmp_path / "e2e.jsonl"
     path.write_text(json.dumps({"question": "q", "docs": ["a", "b"], "answer": "x"}) + "\n")
-    assert bm25_baseline.main([str(path), "--out", str(tmp_path / "r")]) == 1
-    assert capsys.readouterr().err == (f"error: {path}: 1 rows have no pos_index (first: row 1); "
+    assert bm25_baseline.main([str(path), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == (f"clara-data bm25: error: {path}: 1 rows have no pos_index (first: row 1); "
                                        "retrieval metrics need the positives\n")

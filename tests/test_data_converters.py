@@ -208,8 +208,8 @@ def test_pubmedqa_hf_without_datasets_says_what_to_install(monkeypatch, tmp_path
 
 def test_pubmedqa_refuses_too_few_records_for_the_candidates(tmp_path, capsys):
     need(PUBMEDQA)
-    assert pubmedqa.main(["--input", str(PUBMEDQA), "--max_rows", "10", "--out_dir", str(tmp_path)]) == 1
-    assert capsys.readouterr().err == ("error: 10 records cannot fill 20 stage2 candidates; "
+    assert pubmedqa.main(["--input", str(PUBMEDQA), "--max_rows", "10", "--out_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("clara-data pubmedqa: error: 10 records cannot fill 20 stage2 candidates; "
                                        "lower --num_candidates\n")
 
 

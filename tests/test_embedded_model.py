@@ -60,4 +60,4 @@ def test_cli_streams_the_answer(capsys):
 def test_cli_reports_a_missing_model_in_one_line(capsys, tmp_path):
     rc = generate_main(["--model", str(tmp_path / "nothing.gguf"), "--prompt", "hi"])
     assert rc == 2  # bad input
-    assert capsys.readouterr().err == f"error: {tmp_path / 'nothing.gguf'}: file not found\n"
+    assert capsys.readouterr().err == f"clara-generate: error: {tmp_path / 'nothing.gguf'}: file not found\n"

@@ -217,26 +217,26 @@ def refuse_model_loading(*args, **kwargs):
 def test_missing_file_and_wrong_stage_give_the_validation_messages(files, monkeypatch, capsys):
     monkeypatch.setattr(E, "load_model", refuse_model_loading)
     missing = files / "nope.jsonl"
-    assert E.main(["--model", "x", "--data", str(missing), "--stage", "stage1_2"]) == 1
+    assert E.main(["--model", "x", "--data", str(missing), "--stage", "stage1_2"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"{missing}: <file>: cannot read: No such file or directory")
 
     # A stage1 file read as stage2: the message names the likely mix-up.
     stage1 = files / "s1.jsonl"
     write_stage_file(stage1, [Stage1Example("qa", ("Q?",), ("A",), ("doc",), "r")], "stage1")
-    assert E.main(["--model", "x", "--data", str(stage1), "--stage", "stage2"]) == 1
+    assert E.main(["--model", "x", "--data", str(stage1), "--stage", "stage2"]) == 2
     assert (f"{stage1}:1: question: expected a string, got array (a list of questions is the stage1 layout; "
             "is --stage stage2 right?)") in capsys.readouterr().err
 
     # stage1_2 rows must have exactly --generation_top_k docs.
     assert E.main(["--model", "x", "--data", str(files / "s12.jsonl"), "--stage", "stage1_2",
-                   "--generation_top_k", "3"]) == 1
+                   "--generation_top_k", "3"]) == 2
     assert f"{files / 's12.jsonl'}:1: docs: 2 documents, expected --top_k 3" in capsys.readouterr().err
 
 
 def test_generation_top_k_above_the_candidates_is_refused(tiny_clara, files, monkeypatch, capsys):
     monkeypatch.setattr(E, "load_model", refuse_model_loading)
     assert E.main(["--model", "x", "--data", str(files / "s2.jsonl"), "--stage", "stage2",
-                   "--generation_top_k", "5"]) == 1
+                   "--generation_top_k", "5"]) == 2
     assert f"{files / 's2.jsonl'}:1: docs: 4 candidates, fewer than --top_k 5" in capsys.readouterr().err
     assert E.main(["--model", "x", "--data", str(files / "s2.jsonl"), "--stage", "stage2", "--batch_size", "0"]) == 2
     assert "--batch_size must be at least 1, got 0" in capsys.readouterr().err

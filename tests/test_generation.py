@@ -114,14 +114,14 @@ def test_python_m_clara_generate_runs_the_command_line():
     assert done.stderr == ""  # no runpy warning about the module being imported twice
     done = subprocess.run([sys.executable, "-m", "clara.generate", "--prompt", "hi", "--max_new_tokens", "0"],
                           capture_output=True, text=True)
-    assert (done.returncode, done.stderr) == (2, "error: --max_new_tokens must be at least 1, got 0\n")
+    assert (done.returncode, done.stderr) == (2, "clara-generate: error: --max_new_tokens must be at least 1, got 0\n")
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--prompt", ""], "error: --prompt is empty: give the text to answer or continue"),
-    (["--prompt", "hi", "--temperature", "-1"], "error: --temperature must be 0 (greedy) or positive, got -1.0"),
-    (["--prompt", "hi", "--top_p", "0"], "error: --top_p must be in (0, 1], got 0.0"),
-    (["--prompt", "hi", "--device", "foo"], "error: --device 'foo' is not a torch device (e.g. cpu, cuda, cuda:1, mps)"),
+    (["--prompt", ""], "clara-generate: error: --prompt is empty: give the text to answer or continue"),
+    (["--prompt", "hi", "--temperature", "-1"], "clara-generate: error: --temperature must be 0 (greedy) or positive, got -1.0"),
+    (["--prompt", "hi", "--top_p", "0"], "clara-generate: error: --top_p must be in (0, 1], got 0.0"),
+    (["--prompt", "hi", "--device", "foo"], "clara-generate: error: --device 'foo' is not a torch device (e.g. cpu, cuda, cuda:1, mps)"),
 ])
 def test_the_command_line_refuses_bad_requests_in_one_line_before_loading(flags, message, capsys):
     from clara.generate_cli import main

@@ -8,7 +8,7 @@ From those parses:
     `if TYPE_CHECKING:` or `if __name__ == "__main__":`, run later or never on import, so they
     cannot leave a module half-initialised);
   * the arrows point down: clara.kernels needs nothing else of clara; clara.data needs only the
-    small shared helpers (clara.files, clara.stages) at import time; nothing in the library reaches
+    small shared helpers (clara.files, clara.stages, clara.errors, clara.command) at import time; nothing in the library reaches
     up into clara.recipes or nutribot;
   * no file imports a bare `kernels`, `data`, `recipes`, `tests` or `bench`: those names are not
     ours once installed (`kernels` is Hugging Face's package);
@@ -282,7 +282,7 @@ def test_kernels_import_nothing_else_of_clara():
 
 # What clara.data needs of the rest of clara when it is imported: the shared helpers only, so that
 # `clara-data validate` and the converters load without torch or the model.
-DATA_AT_IMPORT = {"clara", "clara.files", "clara.stages"}
+DATA_AT_IMPORT = {"clara", "clara.files", "clara.stages", "clara.errors", "clara.command"}
 # ...and what a few of its functions load on demand: a tokenizer to count BPE tokens
 # (clara.data.pdfs), and a local model to write QA pairs (clara.data.pdf_generators's local
 # generator: clara.weights.load_base and clara.generate.generate_text).

@@ -269,18 +269,18 @@ def test_cli_prints_the_plan(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "estimated peak" in out and "largest micro-batch within the budget:" in out
     assert main(["--model", str(tmp_path / "none.json")]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'none.json'}: no such file or folder, not a hub repo id "
+    assert capsys.readouterr().err == (f"clara-plan: error: {tmp_path / 'none.json'}: no such file or folder, not a hub repo id "
                                        "like 'org/name', and not a model alias (smollm2-135m); planner presets: "
                                        "phi-2, smollm2-135m\n")
     bad = tmp_path / "config.json"
     bad.write_text('{"model_type": "phi",\n "vocab_size": }')
     assert main(["--model", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {bad}:2: invalid JSON")
+    assert capsys.readouterr().err.startswith(f"clara-plan: error: {bad}:2: invalid JSON")
     assert main(["--model", str(bad)]) == 2  # the config.json file itself
-    assert capsys.readouterr().err.startswith(f"error: {bad}:2: invalid JSON")
+    assert capsys.readouterr().err.startswith(f"clara-plan: error: {bad}:2: invalid JSON")
     (tmp_path / "empty").mkdir()
     assert main(["--model", str(tmp_path / "empty")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: a folder without config.json (nor clara.json)\n"
+    assert capsys.readouterr().err == f"clara-plan: error: {tmp_path / 'empty'}: a folder without config.json (nor clara.json)\n"
     # presets written here only for models with no local source; the embedded one reads its own header
     assert set(PRESETS) == {"phi-2"} and PRESET_NAMES == ("phi-2", "smollm2-135m")
     assert math.isclose(PRESETS["phi-2"]["partial_rotary_factor"], 0.4)

@@ -156,7 +156,7 @@ def test_the_cli_refuses_another_runs_checkpoint_in_one_line(setup, tmp_path, ca
     flags[flags.index("--lora_rank") + 1] = "8"
     assert train_sft.main([*flags, "--load_checkpoint"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "--lora_rank 4 there, 8 here" in err[0]
+    assert len(err) == 1 and err[0].startswith("clara-train: error: ") and "--lora_rank 4 there, 8 here" in err[0]
 
 
 # ---------------------------------------------------------------------------------------------

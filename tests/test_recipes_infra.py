@@ -84,7 +84,8 @@ def test_the_loop_config_is_typed_and_maps_the_flags_one_to_one():
         config.lora_rank = 4  # a run's configuration does not change under the loop
     parser = build_parser()
     ignored = {a.dest for a in parser._actions if a.help and IGNORED in a.help}
-    flags = {a.dest for a in parser._actions if a.dest != "help"} - ignored
+    # --help and --debug belong to the command line (clara.command), not to the run
+    flags = {a.dest for a in parser._actions if a.dest not in ("help", "debug")} - ignored
     assert {f.name for f in dataclasses.fields(TrainConfig)} == flags
     assert json.loads(json.dumps(config.to_dict()))["lora_rank"] == 8  # checkpoints record it as JSON
 
@@ -134,8 +135,9 @@ def test_qa_loss_can_be_switched_off():
 # ------------------------------------------------------------------------------------------------
 def test_cosine_with_min_lr_exact_points():
     total, base = 200, 1e-4  # warmup = ceil(0.03 * 200) = 6 steps
-    assert lr_at(0, total, base) == 0.0
-    assert lr_at(3, total, base) == base * 3 / 6
+    assert lr_at(0, total, base) == base / 6  # the first update already learns
+    assert lr_at(3, total, base) == base * 4 / 6
+    assert lr_at(5, total, base) == base  # the last warmup step reaches the peak
     assert lr_at(6, total, base) == base  # end of warmup: cos(0) = 1
     assert lr_at(6 + 97, total, base) == pytest.approx(base * 0.55, rel=1e-12)  # halfway: 0.1 + 0.9 / 2
     assert lr_at(total, total, base) == pytest.approx(base * 0.1, rel=1e-15)
@@ -144,7 +146,7 @@ def test_cosine_with_min_lr_exact_points():
 
 def test_other_kinds_exact_points():
     assert lr_factor(0, 100, kind="constant") == 1.0
-    assert [lr_factor(s, 100, kind="constant_with_warmup") for s in (0, 1, 2, 3, 50)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]
+    assert [lr_factor(s, 100, kind="constant_with_warmup") for s in (0, 1, 2, 3, 50)] == [1 / 3, 2 / 3, 1.0, 1.0, 1.0]
     assert lr_factor(3 + 97 // 2, 100, kind="linear") == (100 - 51) / 97
     assert lr_factor(100, 100, kind="cosine") == 0.0
     with pytest.raises(ValueError, match="unknown lr schedule"):
@@ -153,15 +155,21 @@ def test_other_kinds_exact_points():
 
 @pytest.mark.parametrize("kind", LR_SCHEDULERS)
 def test_schedule_matches_transformers(kind):
+    """transformers' schedule, except that our warmup is one step ahead: its first update is at lr 0."""
     optimization = pytest.importorskip("transformers.optimization")
     total, base = 57, 3e-4
+    warmup = math.ceil(total * 0.03)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
     extra = {"scheduler_specific_kwargs": {"min_lr": base * 0.1}} if kind == "cosine_with_min_lr" else {}
-    ref = optimization.get_scheduler(kind, opt, num_warmup_steps=math.ceil(total * 0.03), num_training_steps=total, **extra)
-    for step in range(total + 1):
-        assert lr_at(step, total, base, kind=kind) == pytest.approx(ref.get_last_lr()[0], rel=1e-12, abs=1e-20), step
+    ref = optimization.get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total, **extra)
+    theirs = []
+    for _ in range(total + 2):
+        theirs.append(ref.get_last_lr()[0])
         opt.step()
         ref.step()
+    for step in range(total + 1):
+        expected = theirs[step + 1] if step < warmup and kind != "constant" else theirs[step]
+        assert lr_at(step, total, base, kind=kind) == pytest.approx(expected, rel=1e-12, abs=1e-20), step
 
 
 # ------------------------------------------------------------------------------------------------
