@@ -28,7 +28,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, InputError)
 
 def one_line(error: BaseException) -> str:
     """An error as one line: an OS error names its file first, as the library's own errors do."""
-    if isinstance(error, OSError) and error.filename is not None:
+    summary = getattr(error, "summary", None)  # errors listing many problems offer a one-line form
+    if isinstance(summary, str):
+        message = summary
+    elif isinstance(error, OSError) and error.filename is not None:
         reason = error.strerror or str(error)
         message = f"{error.filename}: {reason[0].lower() + reason[1:] if reason else type(error).__name__}"
     else:

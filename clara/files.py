@@ -83,3 +83,54 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> d
     if not isinstance(value, dict):
         raise error(f"{path}:1: expected a JSON object at the top level")
     return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Text that must be UTF-8
+# ------------------------------------------------------------------------------------------------
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+              (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def wide_encoding(head: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" when a file's first bytes show it is in that encoding (a byte-order
+    mark, or the NUL bytes of ASCII text stored two bytes per character), else None."""
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return name
+    if len(head) >= 4 and (head[1::2].count(0) == len(head[1::2]) or head[0::2].count(0) == len(head[0::2])):
+        return "UTF-16"
+    return None
+
+
+def not_utf8_message(path: str | os.PathLike, encoding: str) -> str:
+    return (f"{path}: the file is {encoding}, not UTF-8; save it as UTF-8 "
+            f"(e.g. iconv -f {encoding} -t UTF-8 FILE > NEW_FILE)")
+
+
+def check_utf8_file(path: str | os.PathLike, error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming the file when it is UTF-16 or UTF-32 text instead of UTF-8."""
+    with open(path, "rb") as stream:
+        encoding = wide_encoding(stream.read(4))
+    if encoding is not None:
+        raise error(not_utf8_message(path, encoding))
+
+
+def utf8_lines(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a UTF-8 file; a UTF-16/32 file, or a line that is not
+    UTF-8, raises `error` naming the file and the line."""
+    check_utf8_file(path, error)
+    with open(path, "rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark written by some editors
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start + 1} of the "
+                            "line); save the file as UTF-8") from None
+
+
+def read_utf8_text(path: str | os.PathLike, error: type[Exception] = ValueError) -> str:
+    """The whole of a UTF-8 file, with the errors of `utf8_lines`."""
+    return "".join(text for _, text in utf8_lines(path, error))

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from clara.data.json_fields import FieldChecker, json_type_name
-from clara.files import atomic_write_jsonl
+from clara.files import atomic_write_jsonl, not_utf8_message, wide_encoding
 from clara.stages import get_stage
 
 DATA_TYPES = ("qa", "paraphrase")
@@ -83,6 +83,16 @@ class ValidationError(ValueError):
             shown.append(f"... and {hidden} more (python -m clara.data.validate lists them all)")
         noun = "problem" if len(self.problems) == 1 else "problems"
         super().__init__(f"{len(self.problems)} {noun}:\n" + "\n".join(shown))
+
+    @property
+    def summary(self) -> str:
+        """One line for a command's error: the first problem, and how to see the others."""
+        first = str(self.problems[0]) if self.problems else "no problems recorded"
+        more = len(self.problems) - 1
+        if not more:
+            return first
+        return (f"{first} (and {more} more problem{'s' if more > 1 else ''}: "
+                f"clara-data validate {self.problems[0].path} --stage STAGE lists them all)")
 
 
 @dataclass(frozen=True)
@@ -356,6 +366,11 @@ def _docs_field_name(row: dict[str, Any]) -> str:
 def _decoded_lines(path: str, problems: list[Problem]) -> Iterable[tuple[int, Any]]:
     """Yield (line number, JSON value) for each non-blank line, recording undecodable lines."""
     with open(path, "rb") as stream:
+        encoding = wide_encoding(stream.read(4))
+        if encoding is not None:  # one problem, not one per line
+            problems.append(Problem(path, None, FILE_FIELD, not_utf8_message(path, encoding).split(": ", 1)[1]))
+            return
+        stream.seek(0)
         for line_number, raw in enumerate(stream, start=1):
             if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a byte-order mark written by some editors
@@ -393,7 +408,7 @@ def validate_stage_file(path: str | os.PathLike, stage: str, top_k: int | None =
     except OSError as error:
         return FileReport([], [Problem(path, None, FILE_FIELD, f"cannot read: {error.strerror}")], 0)
     examples, row_problems = validate_rows(lines, stage, path, top_k)
-    n_rows = len(lines) + len(decode_problems)
+    n_rows = len(lines) + sum(problem.line is not None for problem in decode_problems)
     # Stable sort: file order, and within a line the order the fields were checked in.
     problems = sorted(decode_problems + row_problems, key=lambda problem: problem.line or 0)
     if n_rows == 0:

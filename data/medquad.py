@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clara.command import command_main
+from clara.files import utf8_lines
 from clara.data.bm25 import BM25Index
 from clara.data.cli import command_parser
 from clara.data.conversion import (StageOutputs, add_converter_flags, add_out_dir_flag, cap_words, dev_keys,
@@ -100,33 +101,32 @@ def load_medquad(path: str | Path, max_rows: int | None = None) -> list[MedQuADR
     problems: list[Problem] = []
     line_number = 0
     check = FieldChecker(lambda name, message: problems.append(Problem(path, line_number, name, message)))
-    with open(path, encoding="utf-8") as stream:
-        for line_number, text in enumerate(stream, start=1):
-            if max_rows is not None and len(records) >= max_rows:
-                break
-            if not text.strip():
-                continue
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as error:
-                problems.append(Problem(path, line_number, "<row>",
-                                        f"invalid JSON: {error.msg} (column {error.colno})"))
-                continue
-            if check.object(raw, "<row>") is None:
-                continue
-            before = len(problems)
-            for name in REQUIRED_FIELDS:
-                if name not in raw:
-                    check.report(name, "missing")
-                else:
-                    check.string(raw[name], name)
-            optional = {name: raw.get(name, "") for name in OPTIONAL_FIELDS}
-            for name, value in optional.items():
-                check.string(value, name, empty_ok=True)
-            if len(problems) == before:
-                topic = optional["focus"].strip() or optional["url"].strip() or f"line{line_number}"
-                records.append(MedQuADRecord(line_number, optional["source"].strip(), topic,
-                                             raw["question"].strip(), raw["answer"].strip()))
+    for line_number, text in utf8_lines(path):
+        if max_rows is not None and len(records) >= max_rows:
+            break
+        if not text.strip():
+            continue
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            problems.append(Problem(path, line_number, "<row>",
+                                    f"invalid JSON: {error.msg} (column {error.colno})"))
+            continue
+        if check.object(raw, "<row>") is None:
+            continue
+        before = len(problems)
+        for name in REQUIRED_FIELDS:
+            if name not in raw:
+                check.report(name, "missing")
+            else:
+                check.string(raw[name], name)
+        optional = {name: raw.get(name, "") for name in OPTIONAL_FIELDS}
+        for name, value in optional.items():
+            check.string(value, name, empty_ok=True)
+        if len(problems) == before:
+            topic = optional["focus"].strip() or optional["url"].strip() or f"line{line_number}"
+            records.append(MedQuADRecord(line_number, optional["source"].strip(), topic,
+                                         raw["question"].strip(), raw["answer"].strip()))
     if not records and not problems:
         problems.append(Problem(path, None, "<file>", "no records"))
     if problems:

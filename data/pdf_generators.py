@@ -151,14 +151,15 @@ class LocalModelGenerator:
         self._model = None
         self._tokenizer = None
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load the model now (it loads on the first prompt otherwise)."""
         from clara.weights import load_base  # -> (decoder, tokenizer with its chat template)
 
-        self._model, self._tokenizer = load_base(self.model_path)
+        if self._model is None:
+            self._model, self._tokenizer = load_base(self.model_path)
 
     def complete(self, prompt: str) -> str:
-        if self._model is None:
-            self._load()
+        self.load()
         from clara.generate import generate_text
 
         seed, self._next_seed = self._next_seed, self._next_seed + 1

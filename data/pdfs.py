@@ -129,7 +129,9 @@ def build_generator(args: argparse.Namespace) -> TextGenerator:
         if not args.llm_model:
             raise ValueError("--generator local needs --llm_model (a .gguf file, HF folder or "
                              f"alias such as {DEFAULT_TOKENIZER})")
-        return LocalModelGenerator(args.llm_model, max_new_tokens=args.max_new_tokens)
+        generator = LocalModelGenerator(args.llm_model, max_new_tokens=args.max_new_tokens)
+        generator.load()  # now: a wrong --llm_model is reported before any PDF is read
+        return generator
     config = HttpGeneratorConfig.from_env(args.llm_model, timeout_s=args.timeout,
                                           max_attempts=args.http_attempts,
                                           max_tokens=args.max_new_tokens)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from clara.command import command_main
+from clara.files import read_utf8_text, utf8_lines
 from clara.data.bm25 import BM25Index
 from clara.data.cli import command_parser
 from clara.data.conversion import (StageOutputs, add_converter_flags, add_out_dir_flag, cap_words, dev_keys,
@@ -158,25 +159,23 @@ def _record_id(value: Any, fallback: str) -> str:
 
 
 def _jsonl_records(path: str) -> Iterable[RawRecord | Problem]:
-    with open(path, encoding="utf-8") as stream:
-        for line_number, text in enumerate(stream, start=1):
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                yield Problem(path, line_number, "<row>", f"invalid JSON: {error.msg} (column {error.colno})")
-                continue
-            yield RawRecord(value, _record_id(value, f"line{line_number}"), line_number, "")
+    for line_number, text in utf8_lines(path):
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield Problem(path, line_number, "<row>", f"invalid JSON: {error.msg} (column {error.colno})")
+            continue
+        yield RawRecord(value, _record_id(value, f"line{line_number}"), line_number, "")
 
 
 def _json_records(path: str) -> Iterable[RawRecord | Problem]:
-    with open(path, encoding="utf-8") as stream:
-        try:
-            data = json.load(stream)
-        except json.JSONDecodeError as error:
-            yield Problem(path, error.lineno, "<file>", f"invalid JSON: {error.msg} (column {error.colno})")
-            return
+    try:
+        data = json.loads(read_utf8_text(path))
+    except json.JSONDecodeError as error:
+        yield Problem(path, error.lineno, "<file>", f"invalid JSON: {error.msg} (column {error.colno})")
+        return
     if isinstance(data, dict):
         for pmid, value in data.items():
             yield RawRecord(value, str(pmid), None, f"[{json.dumps(str(pmid))}].")

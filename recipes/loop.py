@@ -131,6 +131,23 @@ def check_flags_match_checkpoint(args: TrainConfig) -> None:
                               f"shapes it was trained with: pass {fix}")
 
 
+def check_prompts_fit(model: Clara, examples, max_len: int, source: str, n_longest: int = 16) -> None:
+    """The rows with the longest questions and answers must leave room for an answer within
+    --max_len: found here, before the run folder is touched, not at the step that reaches them."""
+    def text_length(index: int) -> int:
+        example = examples[index]
+        parts = [getattr(example, "question", ""), *getattr(example, "questions", ()), getattr(example, "answer", ""),
+                 *getattr(example, "answers", ())]
+        return sum(len(part) for part in parts)
+
+    for index in sorted(range(len(examples)), key=text_length, reverse=True)[:n_longest]:
+        try:
+            model.collate([examples[index]], max_len=max_len)
+        except ValueError as error:
+            reason = str(error).removeprefix("example 0: ")
+            raise ValueError(f"{source}: row {index + 1}: {reason}") from None
+
+
 def build_model(args: TrainConfig, precision, device) -> Clara:
     stage = args.stage
     checkpoint = start_checkpoint(args)
@@ -314,6 +331,9 @@ def train(args: TrainConfig) -> TrainResult:
     log.info("stage %s: %d trainable parameters (%s)", args.stage, n_trainable,
              ", ".join(sorted({n.split(".adapters.")[-1].split(".")[0] if ".adapters." in n else n
                                for n, _ in model.trainable_named_parameters()})))
+    check_prompts_fit(model, examples, args.max_len, args.dataset)
+    if eval_examples:
+        check_prompts_fit(model, eval_examples, args.max_len, args.eval_dataset)
     identity = run_identity(args, examples, model.base_fingerprint)
     if latest is not None:
         check_same_run(read_run_identity(latest), identity, str(latest))  # the base, now that it is loaded

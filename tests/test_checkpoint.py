@@ -159,6 +159,37 @@ def test_missing_or_foreign_metadata_is_refused(stage1_checkpoint, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Atomic replacement
 # ---------------------------------------------------------------------------------------------
+def test_saving_into_a_folder_keeps_its_other_files(stage1_checkpoint, tmp_path, monkeypatch):
+    """A user's notes and subfolders beside a checkpoint survive a save; a save cut off between its
+    files leaves a mix that the recorded sha256s refuse, never a silent one."""
+    first, _ = stage1_checkpoint
+    second = trained_model("stage1", values_seed=21)
+    target = tmp_path / "model"
+    (target / "plots").mkdir(parents=True)
+    (target / "notes.txt").write_text("keep me")
+    (target / "plots" / "loss.png").write_bytes(b"png")
+    first.save_pretrained(target)
+    second.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "keep me" and (target / "plots" / "loss.png").read_bytes() == b"png"
+    assert torch.equal(load(target).memory_embeddings, second.memory_embeddings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+
+    real_replace = os.replace
+
+    def stop_before_the_config(src, dst):
+        if str(dst).endswith("clara.json"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(clara.checkpoint.os, "replace", stop_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        first.save_pretrained(target)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"adapters.safetensors: corrupted \(its sha256 differs"):
+        load(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_saving_over_a_checkpoint_replaces_it_and_leaves_no_temporary_directory(stage1_checkpoint, tmp_path,
                                                                                 monkeypatch):
     first, _ = stage1_checkpoint
