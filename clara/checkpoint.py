@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clara.files import current_umask
+from clara.files import current_umask, sha256_file
 from clara.config import ClaraConfig, ConfigError, DecoderConfig
 from clara.lora import add_adapter, adapter_state_dict, load_adapter_state_dict
 from clara.stages import get_stage
@@ -65,14 +65,6 @@ def weights_probe(decoder) -> str:
     for t in (decoder.norm.weight, decoder.embed_tokens.weight[:2], decoder.layers[0].input_norm.weight):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _added_token_ids(model: "Clara") -> dict[str, int]:
@@ -113,7 +105,7 @@ def save_clara(model: "Clara", path: str | os.PathLike) -> None:
             "memory_token_ids": model.memory_token_ids,
             "adapters": model.adapter_names,
             "dtype": str(decoder.dtype).removeprefix("torch."),
-            "sha256": {f: _sha256(tmp / f) for f in (ADAPTERS_FILE, EMBEDDINGS_FILE)},
+            "sha256": {f: sha256_file(tmp / f) for f in (ADAPTERS_FILE, EMBEDDINGS_FILE)},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         # mkdtemp makes the directory private (0700) and safetensors writes its files 0600; give the
@@ -210,7 +202,7 @@ def read_checkpoint_config(path: str | os.PathLike, meta: dict | None = None) ->
 def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CheckpointError(f"{path}: missing")
-    if expected_sha is not None and _sha256(path) != expected_sha:
+    if expected_sha is not None and sha256_file(path) != expected_sha:
         raise CheckpointError(f"{path}: corrupted (its sha256 differs from the one recorded in {CONFIG_FILE})")
     try:
         return load_file(str(path))

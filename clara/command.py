@@ -22,8 +22,10 @@ INTERRUPTED = 130
 DEBUG_ENV = "CLARA_DEBUG"
 
 
-# The exception types that mean bad input, not a bug: they end a command in one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, InputError)
+# The exception types that mean bad input, not a bug, and end a command in one line: the library's own
+# errors (ValueErrors or InputErrors), OS errors naming their file, and a loss that stopped being
+# finite (the loop says which step and what to try).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, InputError, FloatingPointError)
 
 
 def one_line(error: BaseException) -> str:

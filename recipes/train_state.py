@@ -20,7 +20,6 @@ writes the rest and, after a barrier, calls `commit_checkpoint`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from clara.checkpoint import CheckpointError
-from clara.files import read_json
+from clara.files import read_json, sha256_file
 
 FORMAT = "clara-train-state/1"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -352,19 +351,11 @@ def write_checkpoint_atomically(save_path: str | Path, step: int, write_fn: Call
 # ------------------------------------------------------------------------------------------------
 # Manifest: a sha256 for every file of a step checkpoint
 # ------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     """MANIFEST_FILE: the size and sha256 of every other file under `directory`."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
-        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     write_json_atomically(directory / MANIFEST_FILE, {"format": FORMAT, "files": files})
 
 
@@ -389,7 +380,7 @@ def verify_checkpoint(directory: str | Path) -> None:
         size = path.stat().st_size
         if size != expected.get("bytes"):
             raise CheckpointError(f"{path}: {size} bytes, {MANIFEST_FILE} records {expected.get('bytes')} (truncated?)")
-        if _sha256(path) != expected.get("sha256"):
+        if sha256_file(path) != expected.get("sha256"):
             raise CheckpointError(f"{path}: corrupted (its sha256 differs from the one in {MANIFEST_FILE})")
 
 
