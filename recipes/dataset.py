@@ -44,7 +44,8 @@ def _load_hub_dataset(name: str, stage: str, split: str) -> list[Any]:
     try:
         import datasets
     except ImportError:
-        raise RuntimeError(f"--dataset {name}: reading a Hugging Face dataset needs `pip install datasets`") from None
+        raise ValueError(f"--dataset {name}: no such file; read as a Hugging Face dataset name, it needs "
+                         "`pip install datasets`") from None
     rows = datasets.load_dataset(name, split=split)
     examples, problems = [], []
     for i, row in enumerate(rows, start=1):
