@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from clara.files import current_umask, sha256_file
 from clara.config import ClaraConfig, ConfigError, DecoderConfig
+from clara.prompts import PLAIN_TEXTS, PromptTexts
 from clara.lora import add_adapter, adapter_state_dict, load_adapter_state_dict
 from clara.stages import get_stage
 from clara.weights import load_base
@@ -104,6 +105,7 @@ def save_clara(model: "Clara", path: str | os.PathLike) -> None:
             "added_tokens": token_ids,
             "memory_token_ids": model.memory_token_ids,
             "adapters": model.adapter_names,
+            "prompt_texts": model.texts.to_dict(),
             "dtype": str(decoder.dtype).removeprefix("torch."),
             "sha256": {f: sha256_file(tmp / f) for f in (ADAPTERS_FILE, EMBEDDINGS_FILE)},
         }
@@ -189,6 +191,17 @@ def read_checkpoint_meta(path: Path) -> dict:
     return meta
 
 
+def checkpoint_texts(path: Path, meta: dict) -> PromptTexts:
+    """The prompt wording a checkpoint was trained with. Checkpoints that record none were written
+    before the official wording became the default, and were trained with PLAIN_TEXTS."""
+    if "prompt_texts" not in meta:
+        return PLAIN_TEXTS
+    try:
+        return PromptTexts.from_dict(meta["prompt_texts"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: prompt_texts: {e}") from None
+
+
 def read_checkpoint_config(path: str | os.PathLike, meta: dict | None = None) -> ClaraConfig:
     """The ClaraConfig a checkpoint was saved with, read without loading any weights."""
     path = find_clara_checkpoint(path) or Path(path)
@@ -244,7 +257,8 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
         raise CheckpointError(f"{path}: trained on base {meta['base']['name']!r}, but the weights of {base_name!r} "
                               "differ (same architecture, other weights); load the matching base")
 
-    model = model_class.from_decoder(decoder, tokenizer, config, base_name=meta["base"]["name"])
+    model = model_class.from_decoder(decoder, tokenizer, config, base_name=meta["base"]["name"],
+                                     texts=checkpoint_texts(path, meta))
     ids = _added_token_ids(model)
     if ids != meta["added_tokens"]:
         raise CheckpointError(f"{path / CONFIG_FILE}: the added tokens got ids {ids}, the checkpoint recorded "

@@ -209,7 +209,8 @@ class Clara(nn.Module):
             else:
                 add_adapter(self.decoder, name, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout)
         mark_only_adapters_trainable(self.decoder, get_stage(stage).trained_adapters)
-        self.memory_embeddings.requires_grad_(self.config.train_mem_embeddings)
+        self.memory_embeddings.requires_grad_(self.config.train_mem_embeddings
+                                              and get_stage(stage).trains_memory_embeddings)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]

@@ -10,7 +10,7 @@ when the prompt is built for generation) and where the placeholders sit.
 |---|---|---|
 | stage1, QA rows | `Background:\\n<slots>` | `Question: q\\nAnswer: a` lines, one per QA pair |
 | stage1, paraphrase rows | one of `PromptTexts.paraphrase_instructions` around `<slots>` (*) | the text to restate |
-| stage1_2 | `Background:\\n<slots>\\n\\nQuestion: q` with one slot per document | the answer |
+| stage1_2 | `Background:\\n<slots>\\n\\nQuestion:q` with one slot per document | the answer |
 | stage2 (end to end) | the same with `generation_top_k` slots (the documents the top-k selects) | the answer |
 
 (*) picked per example with a seeded `random.Random`, so a run is reproducible.
@@ -35,7 +35,7 @@ naming the field.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -54,29 +54,34 @@ IGNORE_INDEX = -100  # label of positions the loss skips (torch.nn.functional.cr
 class PromptTexts:
     """Every piece of prose the prompts use; pass your own to change the wording.
 
-    `{docs}` stands for the document slots, `{question}` for the question.
+    `{docs}` stands for the document slots, `{question}` for the question. The defaults are the
+    official release's texts (openrlhf/models/modeling_clara.py), word for word, so an imported
+    official checkpoint reads the wording it was trained on. A checkpoint records its texts.
     """
 
-    qa_system: str = ("You are a helpful assistant. The background holds a document. Ask the questions "
-                      "that cover all of its key facts, one at a time, and answer each of them.")
+    qa_system: str = ("You are a helpful assistant. Given a document, your task is to generate some single "
+                      "questions to cover all key information of the document and answer them sequentially.")
     qa_user: str = "Background:\n{docs}"
-    paraphrase_system: str = ("You are a helpful assistant. Follow the instruction and restate the "
-                              "background text faithfully.")
+    paraphrase_system: str = ("You are a helpful assistant. Your task is follow the instructions to paraphrase "
+                              "the background information.")
     paraphrase_instructions: tuple[str, ...] = (
-        "Background:\n{docs}\nRewrite the text above in your own words.",
-        "Background:\n{docs}\nSay the same thing again with different phrasing.",
-        "Here is a passage: {docs}\nRestate it without changing its meaning.",
-        "Background:\n{docs}\nWhat does the passage above say? Put it another way.",
-        "Passage: {docs}\nGive an equivalent version of this passage.",
-        "Background:\n{docs}\nExpress the same content in other words.",
-        "Read this: {docs}\nNow retell its content in your own wording.",
-        "Background:\n{docs}\nReword the background above, keeping every fact.",
-        "The text {docs} can be restated as follows:",
-        "Background:\n{docs}\nRecount the information above faithfully.",
+        "Background: {docs} means the same as",
+        "Background: {docs} Can you put the above sentences in your own terms?",
+        "Background: {docs} Please provide a reinterpretation of the preceding background text.",
+        "These two expressions are equivalent in essence:\n(1) {docs}\n(2)",
+        "Background: {docs} is a paraphrase of what?",
+        "Background: {docs} Could you give me a different version of the background sentences above?",
+        "In other words, background: {docs} is just another way of saying:",
+        "You're getting across the same point whether you say background: {docs} or",
+        "Background: {docs} After unpacking the ideas in the background information above, we got:",
+        "Background: {docs} Please offer a restatement of the background sentences I've just read.",
+        "Background: {docs}, which also means:",
+        "Strip away the mystery, and you'll find background: {docs} is simply another rendition of:",
+        "The essence of background: {docs} is captured again in the following statement:",
     )
-    instruction_system: str = ("You are a helpful assistant. Answer the question using the background "
-                               "documents, as briefly as possible.")
-    instruction_user: str = "Background:\n{docs}\n\nQuestion: {question}"
+    instruction_system: str = ("You are a helpful assistant. Your task is to extract relevant information from "
+                               "provided documents and to answer to questions as briefly as possible.")
+    instruction_user: str = "Background:\n{docs}\n\nQuestion:{question}"
 
     def __post_init__(self) -> None:
         if len(self.paraphrase_instructions) == 0:
@@ -90,7 +95,44 @@ class PromptTexts:
                     raise ValueError(f"PromptTexts.{name} must contain {key} exactly once: {template!r}")
 
 
-DEFAULT_TEXTS = PromptTexts()
+    def to_dict(self) -> dict[str, Any]:
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PromptTexts":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"prompt texts: unknown field(s) {', '.join(unknown)}")
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
+
+
+# The official release's wording: the default, and what every imported official checkpoint reads.
+OFFICIAL_TEXTS = PromptTexts()
+# The wording this project used before it matched the official one: the texts of checkpoints that
+# record none, and a choice for new runs (clara-train --prompt_texts plain).
+PLAIN_TEXTS = PromptTexts(
+    qa_system=("You are a helpful assistant. The background holds a document. Ask the questions "
+               "that cover all of its key facts, one at a time, and answer each of them."),
+    paraphrase_system=("You are a helpful assistant. Follow the instruction and restate the "
+                       "background text faithfully."),
+    paraphrase_instructions=(
+        "Background:\n{docs}\nRewrite the text above in your own words.",
+        "Background:\n{docs}\nSay the same thing again with different phrasing.",
+        "Here is a passage: {docs}\nRestate it without changing its meaning.",
+        "Background:\n{docs}\nWhat does the passage above say? Put it another way.",
+        "Passage: {docs}\nGive an equivalent version of this passage.",
+        "Background:\n{docs}\nExpress the same content in other words.",
+        "Read this: {docs}\nNow retell its content in your own wording.",
+        "Background:\n{docs}\nReword the background above, keeping every fact.",
+        "The text {docs} can be restated as follows:",
+        "Background:\n{docs}\nRecount the information above faithfully.",
+    ),
+    instruction_system=("You are a helpful assistant. Answer the question using the background "
+                        "documents, as briefly as possible."),
+    instruction_user="Background:\n{docs}\n\nQuestion: {question}",
+)
+PROMPT_TEXTS = {"official": OFFICIAL_TEXTS, "plain": PLAIN_TEXTS}
+DEFAULT_TEXTS = OFFICIAL_TEXTS
 
 
 def qa_target(questions: Sequence[str], answers: Sequence[str]) -> str:

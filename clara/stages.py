@@ -32,6 +32,9 @@ class Stage:
     # Saved stages whose decoder adapter this stage does not load but starts afresh (the official
     # release: instruction tuning trains a new generator on the stage-1 compressor).
     fresh_decoder_after: tuple[str, ...] = ()
+    # The memory-token embeddings train in compression pretraining only, as in the official
+    # release; later stages keep them, so memories compressed before a stage2 run stay valid.
+    trains_memory_embeddings: bool = False
 
     @property
     def typed_rows(self) -> bool:
@@ -58,7 +61,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("stage1", data_format="stage1", adapters=(ENCODER, DECODER), trained_adapters=(ENCODER, DECODER),
-          losses=("lm", "mse"), compressor_trained=True, evaluable=True),
+          losses=("lm", "mse"), compressor_trained=True, evaluable=True, trains_memory_embeddings=True),
     Stage("stage1_2", data_format="stage1_2", adapters=(ENCODER, DECODER), trained_adapters=(ENCODER, DECODER),
           losses=("lm", "mse"), compressor_trained=True, evaluable=True, fresh_decoder_after=("stage1",)),
     Stage("stage2", data_format="stage2", adapters=(ENCODER, DECODER, QUERY), trained_adapters=(QUERY, DECODER),

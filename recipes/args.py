@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--lora_dropout", type=float, default=0.1, help="Dropout on the LoRA input")
     ours.add_argument("--target_modules", type=str, nargs="+", default=["all-linear"],
                       help="Linear layers that get adapters: all-linear, or names such as q_proj v_proj")
+    ours.add_argument("--prompt_texts", type=str, default="official", choices=("official", "plain"),
+                      help="Wording of the stage prompts for a fresh model: official (the official release's "
+                           "texts, word for word) or plain (this project's earlier wording). A run that starts "
+                           "from a checkpoint keeps the wording recorded in it")
     ours.add_argument("--device", type=str, default="auto", choices=DEVICES,
                       help="Where to train; auto picks cuda (LOCAL_RANK's GPU under torchrun), then mps, then cpu")
     ours.add_argument("--max_steps", type=int, default=-1,

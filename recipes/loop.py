@@ -41,6 +41,7 @@ from clara.config import ClaraConfig
 from clara.files import read_json
 from clara.stages import get_stage
 from clara.model import Clara, LossTerm, combine_loss_terms
+from clara.prompts import PROMPT_TEXTS
 from clara.recipes import dataset as ds
 from clara.recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_sum, barrier, full_parameters, gather_objects,
                                  init_distributed, is_sharded, shutdown, wrap_model)
@@ -155,12 +156,16 @@ def build_model(args: TrainConfig, precision, device) -> Clara:
         base = args.pretrain if args.pretrain_checkpoint and not find_clara_checkpoint(args.pretrain) else None
         model = Clara.from_pretrained(checkpoint, base=base, training_stage=stage, dtype=precision.weight_dtype,
                                       device=device, settings=run_switches(args))
+        if model.texts != PROMPT_TEXTS[args.prompt_texts]:
+            log.warning("%s was trained with other prompt wording than --prompt_texts %s; the run keeps the "
+                        "checkpoint's", checkpoint, args.prompt_texts)
     else:
         config = ClaraConfig(compress_rate=args.compress_rate, doc_max_length=args.doc_max_length,
                              training_stage=stage, lora_r=args.lora_rank, lora_alpha=args.lora_alpha,
                              lora_target_modules="all-linear" if args.target_modules == ["all-linear"]
                              else tuple(args.target_modules), **run_switches(args))
-        model = Clara.from_base(args.pretrain, config, dtype=precision.weight_dtype, device=device)
+        model = Clara.from_base(args.pretrain, config, dtype=precision.weight_dtype, device=device,
+                                texts=PROMPT_TEXTS[args.prompt_texts])
     model.rng.seed(args.seed)
     with torch.no_grad():
         for _, p in model.trainable_named_parameters():

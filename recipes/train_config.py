@@ -33,6 +33,7 @@ class TrainConfig:
     lora_alpha: float | None
     lora_dropout: float
     target_modules: list[str]
+    prompt_texts: str
     # data
     dataset: str | None
     dataset_probs: str | None

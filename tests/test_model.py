@@ -177,8 +177,10 @@ def test_stage_loss_is_finite_and_trains_exactly_the_stage_parameters(stage):
     loss.backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
     assert got == expected
-    # Each memory token's own row learns (distinct tokens: one row per slot position).
-    assert bool((model.memory_embeddings.grad.abs().sum(-1) > 0).all())
+    if stage == "stage1":  # each memory token's own row learns (distinct tokens: one row per slot position)
+        assert bool((model.memory_embeddings.grad.abs().sum(-1) > 0).all())
+    else:  # later stages keep the rows, so memories compressed before them stay valid
+        assert model.memory_embeddings.grad is None
 
 
 def test_stage1_without_mse_reports_none_and_the_loss_is_the_lm_loss():

@@ -31,11 +31,13 @@ BOS, EOS = 1, 2  # <|im_start|>, <|im_end|>
 ASSISTANT_HEADER = [1, 520, 9531, 198]  # "<|im_start|>assistant\n"
 
 SYSTEM_SMOL = "<|im_start|>system\n"
-QA_SYSTEM = ("You are a helpful assistant. The background holds a document. Ask the questions that cover "
-             "all of its key facts, one at a time, and answer each of them.")
-INSTRUCTION_SYSTEM = ("You are a helpful assistant. Answer the question using the background documents, "
-                      "as briefly as possible.")
-PARAPHRASE_SYSTEM = "You are a helpful assistant. Follow the instruction and restate the background text faithfully."
+# The official release's wording (openrlhf/models/modeling_clara.py), the default.
+QA_SYSTEM = ("You are a helpful assistant. Given a document, your task is to generate some single questions to "
+             "cover all key information of the document and answer them sequentially.")
+INSTRUCTION_SYSTEM = ("You are a helpful assistant. Your task is to extract relevant information from provided "
+                      "documents and to answer to questions as briefly as possible.")
+PARAPHRASE_SYSTEM = ("You are a helpful assistant. Your task is follow the instructions to paraphrase the "
+                     "background information.")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_stage1_qa_prompt_exact(tok):
 def test_instruction_prompt_exact(tok):
     p = instruction_prompt(tok, DISTINCT, "How much iron per day?", "About 8 mg for men.", n_docs=2)
     expected = chatml(INSTRUCTION_SYSTEM,
-                      "Background:\n<MEM_0><MEM_1><SEP><MEM_0><MEM_1><SEP>\n\nQuestion: How much iron per day?")
+                      "Background:\n<MEM_0><MEM_1><SEP><MEM_0><MEM_1><SEP>\n\nQuestion:How much iron per day?")
     assert text_of(tok, p.prompt_ids) == expected
     assert p.prompt_ids == tok.encode(expected, add_bos=False)
     assert text_of(tok, p.target_ids) == "About 8 mg for men.<|im_end|>"
@@ -90,7 +92,7 @@ def test_instruction_prompt_exact(tok):
 def test_end_to_end_prompt_has_generation_top_k_slots(tok):
     p = end_to_end_prompt(tok, DISTINCT, "Is spinach rich in iron?", "Yes.")
     slots = "<MEM_0><MEM_1><SEP>" * 3
-    expected = chatml(INSTRUCTION_SYSTEM, f"Background:\n{slots}\n\nQuestion: Is spinach rich in iron?")
+    expected = chatml(INSTRUCTION_SYSTEM, f"Background:\n{slots}\n\nQuestion:Is spinach rich in iron?")
     assert text_of(tok, p.prompt_ids) == expected
     assert p.n_slots == DISTINCT.generation_top_k == 3
     assert sum(t in (MEM0, MEM1) for t in p.prompt_ids) == 3 * DISTINCT.n_mem_tokens
@@ -122,7 +124,7 @@ def test_paraphrase_instructions_are_many_distinct_and_drawn_reproducibly(tok):
 
 def test_shared_mem_token_prompt(tok):
     p = instruction_prompt(tok, SHARED, "Q?", "A.", n_docs=2)
-    assert "Background:\n<MEM><MEM><MEM><SEP><MEM><MEM><MEM><SEP>\n\nQuestion: Q?" in text_of(tok, p.prompt_ids)
+    assert "Background:\n<MEM><MEM><MEM><SEP><MEM><MEM><MEM><SEP>\n\nQuestion:Q?" in text_of(tok, p.prompt_ids)
     first = p.prompt_ids.index(MEM)
     assert p.memory_positions == [[first, first + 1, first + 2], [first + 4, first + 5, first + 6]]
 
