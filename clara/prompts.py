@@ -400,12 +400,21 @@ class EncoderBatch:
     truncated: torch.Tensor  # [N] bool: the document had more than doc_max_length tokens
 
 
+def encoder_bos_id(tokenizer: Tokenizer) -> int | None:
+    """The BOS of the encoder input: the tokenizer's, else <|im_start|> (Qwen, as the official
+    release), else None."""
+    if tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    return tokenizer.token_to_id("<|im_start|>")
+
+
 def encoder_inputs(tokenizer: Tokenizer, config: ClaraConfig, documents: Sequence[str]) -> EncoderBatch:
     """`<ENC> BOS document EOS`, left padded to doc_max_length + 3, then the n_mem memory tokens.
 
-    BOS: the tokenizer's own (SmolLM2 names <|im_start|>, which the official code would also
-    write). Where a tokenizer has none (Qwen2) the official code fails (it concatenates None);
-    we leave it out, and the row gets one more pad: the document budget stays doc_max_length.
+    BOS: `encoder_bos_id`: the tokenizer's own (SmolLM2 names <|im_start|>), else <|im_start|>
+    where the tokenizer has it (Qwen2 has no BOS: the official code takes its first additional
+    special token, <|im_start|>), else none, and the row gets one more pad: the document budget
+    stays doc_max_length.
     Truncation keeps the first doc_max_length document tokens and always keeps EOS (the official
     code truncates the whole string, which drops EOS from long documents).
     Left padding puts the memory tokens right after EOS; positions count real tokens only (the
@@ -421,7 +430,8 @@ def encoder_inputs(tokenizer: Tokenizer, config: ClaraConfig, documents: Sequenc
     special = special_token_ids(tokenizer, config)
     width = config.doc_max_length + 3
     n_mem = config.n_mem_tokens
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    bos_id = encoder_bos_id(tokenizer)
+    bos = [bos_id] if bos_id is not None else []
     encoded = tokenizer.encode_batch(list(documents), add_bos=False)
 
     n = len(documents)

@@ -285,9 +285,21 @@ def test_encoder_inputs_truncate_the_document_and_keep_eos(tok):
     assert batch.truncated.tolist() == [True]
 
 
-def test_encoder_inputs_without_bos_keep_the_same_width(tok):
+def test_encoder_inputs_without_bos_use_im_start_as_the_official_release_does_for_qwen(tok):
+    no_bos = copy.copy(tok)
+    no_bos.bos_id = None  # Qwen2: no BOS, but <|im_start|> in the vocabulary
+    im_start = tok.token_to_id("<|im_start|>")
+    batch = encoder_inputs(no_bos, SHARED, ["Iron."])
+    width = SHARED.doc_max_length + 3
+    body = [ENC, im_start, *tok.encode("Iron."), EOS]
+    assert batch.input_ids[0].tolist() == [tok.pad_id] * (width - len(body)) + body + [MEM] * 3
+
+
+def test_encoder_inputs_without_any_bos_keep_the_same_width(tok, monkeypatch):
     no_bos = copy.copy(tok)
     no_bos.bos_id = None
+    known = tok.token_to_id
+    monkeypatch.setattr(no_bos, "token_to_id", lambda t: None if t == "<|im_start|>" else known(t))
     batch = encoder_inputs(no_bos, SHARED, ["Iron."])
     width = SHARED.doc_max_length + 3
     body = [ENC, *tok.encode("Iron."), EOS]
