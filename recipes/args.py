@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     clara.add_argument("--no_qa_loss", dest="qa_loss", action="store_false",
                        help="stage1: skip the QA rows and train on paraphrase rows only")
     clara.add_argument("--stage2_mips", action="store_true", default=False,
-                       help="stage2: score documents by inner product (MIPS) instead of cosine similarity")
+                       help=f"{IGNORED}: the official stage2 asks a retrieval server it does not ship for "
+                            "candidates; here they come from the stage2 rows")
     clara.add_argument("--stage2_retrieval_top_n", type=int, default=1,
-                       help="stage2: number of gold documents counted as positives when scoring retrieval")
+                       help=f"{IGNORED}: the size of the official retrieval server's answer (see --stage2_mips)")
     clara.add_argument("--mse_loss", action="store_true", default=False,
                        help="Add the compressor's MSE alignment loss (mean memory state vs. mean document "
                             "state), weighted 0.1")
@@ -233,8 +234,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
             problems.append(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
     for flag in ("micro_train_batch_size", "train_batch_size", "max_len", "max_epochs", "doc_max_length",
-                 "generation_top_k", "max_ckpt_num", "lora_rank", "max_samples", "logging_steps",
-                 "stage2_retrieval_top_n"):
+                 "generation_top_k", "max_ckpt_num", "lora_rank", "max_samples", "logging_steps"):
         positive(flag)
     if args.train_batch_size >= 1 and args.micro_train_batch_size >= 1 \
             and args.train_batch_size % args.micro_train_batch_size:

@@ -55,6 +55,10 @@ from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from clara.data.formats import Stage1Example, read_stage_file
 from clara.data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
 
+# The official evaluation generates stage2 answers with this limit (evaluation/evaluate.py).
+STAGE2_MAX_NEW_TOKENS = 64
+
+
 @dataclass
 class EvalOptions:
     stage: str
@@ -301,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's generation_top_k, 5 for a fresh model); stage1_2: every row must hold exactly "
                              "this many docs (default: no check beyond equal counts); ignored for stage1")
     parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help="length limit of each generated answer (default: the model's max_new_tokens, 128)")
+                        help=f"length limit of each generated answer (default: {STAGE2_MAX_NEW_TOKENS} for stage2, as "
+                             "the official evaluation; the model's max_new_tokens, 128, otherwise)")
     parser.add_argument("--batch_size", type=int, default=4, help="questions generated together (default 4)")
     parser.add_argument("--output", default="predictions.jsonl",
                         help="predictions JSONL; the metrics go beside it as PREFIX.metrics.json and "
@@ -328,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _check_arguments(args)
     if problem:
         return fail("clara-eval", problem)
-    options = EvalOptions(args.stage, args.generation_top_k, args.max_new_tokens, args.batch_size,
+    max_new_tokens = args.max_new_tokens or (STAGE2_MAX_NEW_TOKENS if get_stage(args.stage).retrieves else None)
+    options = EvalOptions(args.stage, args.generation_top_k, max_new_tokens, args.batch_size,
                           args.max_samples, args.seed)
     examples = load_examples(args.data, args.stage, args.generation_top_k, args.max_samples)
     device = parse_device(args.device)
@@ -349,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {"model": args.model, "untrained": untrained, "data": args.data, "stage": args.stage,
                "rows": len(examples), "predictions": len(evaluation.predictions),
                "generation_top_k": evaluation.options.generation_top_k if get_stage(args.stage).retrieves else None,
-               "max_new_tokens": args.max_new_tokens or model.config.max_new_tokens, "batch_size": args.batch_size,
+               "max_new_tokens": max_new_tokens or model.config.max_new_tokens, "batch_size": args.batch_size,
                "seed": args.seed, "dtype": args.dtype, "device": args.device,
                "seconds": round(seconds, 2), "load_seconds": round(load_seconds, 2)}
     paths = write_outputs(evaluation, args.output, summary)

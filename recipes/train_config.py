@@ -24,8 +24,6 @@ class TrainConfig:
     doc_max_length: int
     compress_rate: int
     qa_loss: bool
-    stage2_mips: bool
-    stage2_retrieval_top_n: int
     mse_loss: bool
     do_eval_gen: bool
     # LoRA

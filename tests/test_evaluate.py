@@ -200,6 +200,18 @@ def test_cli_files_agree_with_metrics_recomputed_from_predictions(tiny_clara, fi
         assert summary["generation_top_k"] == 2
 
 
+@pytest.mark.parametrize("stage, name", [("stage1_2", "s12.jsonl"), ("stage2", "s2.jsonl")])
+def test_answer_length_defaults_to_the_official_evaluation_s(tiny_clara, files, monkeypatch, stage, name):
+    """The official evaluation generates stage2 answers with max_new_tokens=64; other answers with
+    the model's default."""
+    output = files / f"limit_{stage}.jsonl"
+    assert run_cli(monkeypatch, tiny_clara, ["--model", "tiny", "--data", str(files / name), "--stage", stage,
+                                             "--max_samples", "1", "--output", str(output)]) == 0
+    summary = json.loads((files / f"limit_{stage}.metrics.json").read_text())
+    assert tiny_clara.config.max_new_tokens != 64
+    assert summary["max_new_tokens"] == (64 if stage == "stage2" else tiny_clara.config.max_new_tokens)
+
+
 def test_max_samples_keeps_the_first_rows(tiny_clara, files, monkeypatch, capsys):
     output = files / "first.jsonl"
     assert run_cli(monkeypatch, tiny_clara, ["--model", "tiny", "--data", str(files / "s12.jsonl"), "--stage",
