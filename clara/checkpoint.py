@@ -56,16 +56,28 @@ def base_fingerprint(config: DecoderConfig, tokenizer_size: int) -> str:
     return f"{config.fingerprint()}-v{tokenizer_size}"
 
 
-def weights_probe(decoder) -> str:
-    """Hash of a few base tensors (final norm, first and last original embedding rows).
+def weights_probe(decoder, rounded: bool = True) -> str:
+    """Hash of a few base tensors (final norm, first embedding rows, first input norm).
 
     Two bases with one architecture (SmolLM2 base vs. instruct) share a config fingerprint; this
-    tells them apart without hashing the whole model.
+    tells them apart without hashing the whole model. The values are rounded to bf16 first, so the
+    same base loaded in fp32, bf16 or fp16 gives the same probe (a checkpoint trained with --bf16
+    loads in fp32). rounded=False: the probe of checkpoints written before the rounding, kept
+    under the key "weights_probe" (new ones write "weights_probe_bf16").
     """
     h = hashlib.sha256()
     for t in (decoder.norm.weight, decoder.embed_tokens.weight[:2], decoder.layers[0].input_norm.weight):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        t = t.detach().to(torch.bfloat16) if rounded else t.detach()
+        h.update(t.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _same_base_weights(decoder, recorded: dict) -> bool:
+    if "weights_probe_bf16" in recorded:
+        return weights_probe(decoder) == recorded["weights_probe_bf16"]
+    # Older checkpoints hashed the weights as loaded: an fp32 load gives the unrounded hash, and the
+    # hash of a bf16 load (a --bf16 run) equals today's rounded one.
+    return recorded.get("weights_probe") in (weights_probe(decoder, rounded=False), weights_probe(decoder))
 
 
 def _added_token_ids(model: "Clara") -> dict[str, int]:
@@ -101,7 +113,7 @@ def save_clara(model: "Clara", path: str | os.PathLike) -> None:
             "format": FORMAT,
             "clara_config": model.config.to_dict(),
             "base": {"name": model.base_name, "fingerprint": model.base_fingerprint,
-                     "weights_probe": weights_probe(decoder)},
+                     "weights_probe_bf16": weights_probe(decoder)},
             "added_tokens": token_ids,
             "memory_token_ids": model.memory_token_ids,
             "adapters": model.adapter_names,
@@ -253,7 +265,7 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     if fingerprint != meta["base"]["fingerprint"]:
         raise CheckpointError(f"{path}: trained on base {meta['base']['name']!r} (config {meta['base']['fingerprint']}), "
                               f"but the base given, {base_name!r}, has config {fingerprint}; load the matching base")
-    if weights_probe(decoder) != meta["base"].get("weights_probe"):
+    if not _same_base_weights(decoder, meta["base"]):
         raise CheckpointError(f"{path}: trained on base {meta['base']['name']!r}, but the weights of {base_name!r} "
                               "differ (same architecture, other weights); load the matching base")
 

@@ -285,3 +285,22 @@ def test_load_trained_weights_puts_a_run_s_adapters_and_memory_into_a_fresh_mode
                                               r"the model needs \[2, 48\]$"):
         clara.checkpoint.load_trained_weights(path, other)
     assert all(torch.equal(t, adapter_tensors(other, ENCODER)[k]) for k, t in before.items())
+
+
+def test_a_checkpoint_trained_in_bf16_loads_in_fp32_and_back(tiny_base_dir, tmp_path):
+    """The base's weight probe does not depend on the dtype the base was loaded in."""
+    config = ClaraConfig(compress_rate=16, doc_max_length=32, lora_r=4, training_stage="stage1")
+    bf16 = Clara.from_base(str(tiny_base_dir), config, dtype=torch.bfloat16)
+    bf16.save_pretrained(tmp_path / "bf16")
+    fp32 = Clara.from_pretrained(tmp_path / "bf16")
+    assert fp32.decoder.dtype == torch.float32
+    assert torch.equal(fp32.memory_embeddings.to(torch.bfloat16), bf16.memory_embeddings)
+    fp32.save_pretrained(tmp_path / "fp32")
+    assert Clara.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).decoder.dtype == torch.bfloat16
+    # another base with the same architecture is still told apart
+    other = Clara.from_base(str(tiny_base_dir), config)
+    with torch.no_grad():
+        other.decoder.norm.weight.mul_(1.5)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="differ \\(same architecture, other weights\\)"):
+        Clara.from_pretrained(tmp_path / "other")
