@@ -327,6 +327,25 @@ def prompt_for_example(example: Any, tokenizer: Tokenizer, config: ClaraConfig, 
     return instruction_prompt(tokenizer, config, example.question, example.answer, len(example.docs), texts)
 
 
+def text_context_prompt(example: Any, tokenizer: Tokenizer, config: ClaraConfig, context: str,
+                        texts: PromptTexts = DEFAULT_TEXTS) -> EncodedPrompt:
+    """The prompt `prompt_for_example` builds for a stage1 QA row or a stage1_2 row, with the text
+    `context` where the document slots would be: the documents' full text, or "" for no context.
+    The baselines of a compressed prompt: the same template, wording and answer."""
+    special = special_token_ids(tokenizer, config)
+    check_plain_text(tokenizer, context, "docs")
+    if getattr(example, "data_type", None) == "qa":
+        user = texts.qa_user.replace("{docs}", context)
+        return _encode_turns(tokenizer, texts.qa_system, user, qa_target(example.questions, example.answers),
+                             special, 0, "stage1 QA prompt")
+    if getattr(example, "data_type", None) is not None:
+        raise ValueError("text_context_prompt: paraphrase rows have no text-context baseline")
+    check_plain_text(tokenizer, example.question, "question")
+    user = texts.instruction_user.replace("{docs}", context, 1).replace("{question}", example.question, 1)
+    return _encode_turns(tokenizer, texts.instruction_system, user, example.answer, special, 0,
+                         "instruction prompt")
+
+
 # ---------------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------------

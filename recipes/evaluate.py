@@ -53,6 +53,7 @@ from clara.stages import EVAL_STAGES, QUERY, get_stage
 from clara.weights import DTYPES
 from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from clara.data.formats import Stage1Example, read_stage_file
+from clara.recipes.nll import answer_nll
 from clara.data.metrics import PUBMEDQA_LABELS, answer_scores, normalize_answer, pubmedqa_scores, retrieval_scores
 
 # The official evaluation generates stage2 answers with this limit (evaluation/evaluate.py).
@@ -269,6 +270,15 @@ def output_prefix(output: str | Path) -> Path:
     return output.with_suffix("") if output.suffix == ".jsonl" else output
 
 
+def evaluate_nll(model: Clara, examples: Sequence[Any], options: EvalOptions) -> Evaluation:
+    """The answer-NLL evaluation (clara.recipes.nll) as an Evaluation: one row of NLLs per example."""
+    result = answer_nll(model, examples, options.batch_size)
+    kept = [e for e in examples if getattr(e, "data_type", "qa") == "qa"]
+    predictions = [{"row": i, "id": e.id, **{f"nll_{c}": round(v, 6) for c, v in nlls.items()}}
+                   for i, (e, nlls) in enumerate(zip(kept, result.per_row), start=1)]
+    return Evaluation(predictions, {"nll": result.means()}, options)
+
+
 def write_outputs(evaluation: Evaluation, output: str | Path, summary: dict[str, Any]) -> tuple[Path, Path, Path]:
     """predictions JSONL, PREFIX.metrics.json (summary + metrics), PREFIX.metrics.md; all atomic."""
     prefix = output_prefix(output)
@@ -314,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds a fresh model's adapters and the paraphrase-instruction draws; generation is "
                              "greedy (default 0)")
+    parser.add_argument("--nll", action="store_true",
+                        help="instead of generating, measure the mean per-token NLL of each row's answer given its "
+                             "compressed documents, another row's (shuffled), no documents and the documents' full "
+                             "text, and the share of the full text's gain the memory keeps (retained); stage1 QA "
+                             "rows and stage1_2 rows (clara.recipes.nll)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     return parser
@@ -333,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _check_arguments(args)
     if problem:
         return fail("clara-eval", problem)
+    if args.nll and args.stage not in ("stage1", "stage1_2"):
+        return fail("clara-eval", f"--nll measures stage1 QA rows and stage1_2 rows, not --stage {args.stage}")
     max_new_tokens = args.max_new_tokens or (STAGE2_MAX_NEW_TOKENS if get_stage(args.stage).retrieves else None)
     options = EvalOptions(args.stage, args.generation_top_k, max_new_tokens, args.batch_size,
                           args.max_samples, args.seed)
@@ -350,7 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail("clara-eval", f"--model {args.model} has no query reasoner (a {model.config.training_stage} "
                     "checkpoint); evaluate it on stage1_2 files, or train stage2 first")
     started = time.perf_counter()
-    evaluation = evaluate(model, examples, options)
+    if args.nll:
+        evaluation = evaluate_nll(model, examples, options)
+    else:
+        evaluation = evaluate(model, examples, options)
     seconds = time.perf_counter() - started
     summary = {"model": args.model, "untrained": untrained, "data": args.data, "stage": args.stage,
                "rows": len(examples), "predictions": len(evaluation.predictions),
