@@ -86,6 +86,7 @@ class MemoryIndex:
         self.n_mem, self.hidden, self.dtype = n_mem, hidden, dtype
         self.vectors = torch.empty(0, n_mem, hidden, dtype=dtype)
         self.ids: list[str] = []
+        self._norms: torch.Tensor | None = None  # each block's L2 norm, flattened; computed on the first search
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,6 +107,7 @@ class MemoryIndex:
             known.add(doc_id)
         self.vectors = torch.cat([self.vectors, memory.detach().to("cpu", self.dtype)])
         self.ids.extend(ids)
+        self._norms = None
 
     def memory(self, indices: torch.Tensor) -> torch.Tensor:
         """The stored memory of `indices` (any shape) -> [*indices.shape, n_mem, hidden]."""
@@ -129,11 +131,14 @@ class MemoryIndex:
                              f"got {list(queries.shape)}")
         q = F.normalize(queries.float().cpu(), dim=-1)
         n = min(top_n, len(self))
+        if self._norms is None:  # once per index state: a search then reads each block once
+            self._norms = torch.cat([self.vectors[i:i + chunk_size].flatten(1).float().norm(dim=1)
+                                     for i in range(0, len(self), chunk_size)]).clamp_min(1e-12)
         best_scores = torch.full((q.shape[0], 0), float("-inf"))
         best_idx = torch.zeros((q.shape[0], 0), dtype=torch.long)
         for start in range(0, len(self), chunk_size):
-            chunk = F.normalize(self.vectors[start:start + chunk_size].flatten(1).float(), dim=-1)
-            scores = q @ chunk.T  # [B, chunk]
+            chunk = self.vectors[start:start + chunk_size].flatten(1).float()
+            scores = (q @ chunk.T) / self._norms[start:start + chunk.shape[0]]  # cosine [B, chunk]
             idx = torch.arange(start, start + chunk.shape[0]).expand_as(scores)
             merged_scores = torch.cat([best_scores, scores], 1)
             merged_idx = torch.cat([best_idx, idx], 1)

@@ -6,6 +6,7 @@
     clara-data pdfs DIR --out OUT                    python -m clara.data.pdfs ...
     clara-data kb --out OUT                          python -m clara.data.kb_stages ...
     clara-data bm25 FILE --stage stage2 --out P      python -m clara.data.bm25_baseline ...
+    clara-data restate FILE ... --out OUT            python -m clara.data.restate ...
 
 Each subcommand is its module's own command line, run with the same flags either way;
 `clara-data SUBCOMMAND --help` explains them. The modules build their parsers with
@@ -32,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pdfs": ("clara.data.pdfs", "PDFs -> clean text -> chunks (with file and page) -> stage1 rows"),
     "kb": ("clara.data.kb_stages", "NutriBot's built-in knowledge base -> stage files; --coverage"),
     "bm25": ("clara.data.bm25_baseline", "BM25 retrieval baseline on stage2 files: recall@k, MRR"),
+    "restate": ("clara.data.restate", "stage1 files + one row restating each document from its memory"),
 }
 
 

@@ -447,8 +447,9 @@ def train(args: TrainConfig) -> TrainResult:
             log.info("saved the trained model to %s", final)
     if dist.is_main:
         if history:
+            # A moving average shows the trend of a long run through the noise of small batches.
             write_loss_curve_png(save_path / "loss_curve.png", [s.step for s in history], [s.loss for s in history],
-                                 title=f"{args.stage} training loss")
+                                 title=f"{args.stage} training loss", smooth=20 if len(history) >= 100 else 0)
     if eval_examples and evaluated_at != position.global_step:
         _evaluate(model, module, eval_examples, args, precision, device, dist, save_path, position)
     barrier(dist)
@@ -532,7 +533,7 @@ def _append_metrics(path: Path, step: StepResult, epoch: int) -> None:
     row = {"step": step.step, "epoch": epoch, "loss": step.loss, "lm_loss": step.lm_loss,
            "mse_loss": step.mse_loss, "lr": step.lr, "grad_norm": step.grad_norm, "tokens": step.tokens,
            "seconds": round(step.seconds, 4), "input_tokens": step.input_tokens,
-           "tokens_per_s": round(step.input_tokens / max(step.seconds, 1e-9), 2)}
+           "tokens_per_s": round(step.input_tokens / max(step.seconds, 1e-9), 2), "time": round(time.time(), 1)}
     with open(path, "a") as f:  # one short line per write: appends are atomic enough for a log
         f.write(json.dumps(row) + "\n")
 

@@ -362,7 +362,7 @@ def test_console_script_points_at_an_importable_callable(script):
 def test_clara_data_subcommands_name_modules_with_a_main():
     from clara.data.cli import SUBCOMMANDS
 
-    assert set(SUBCOMMANDS) == {"validate", "pubmedqa", "medquad", "pdfs", "kb", "bm25"}
+    assert set(SUBCOMMANDS) == {"validate", "pubmedqa", "medquad", "pdfs", "kb", "bm25", "restate"}
     for name, (module_name, _) in SUBCOMMANDS.items():
         assert module_name in MODULES, (name, module_name)
         assert callable(getattr(importlib.import_module(module_name), "main", None)), (name, module_name)

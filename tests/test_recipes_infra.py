@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clara.recipes.args import IGNORED, LR_SCHEDULERS, build_parser, parse_args
-from clara.recipes.plot import BLUE, WHITE, write_loss_curve_png
+from clara.recipes.plot import write_bar_chart_png, write_loss_curve_png
 from clara.recipes.schedule import lr_at, lr_factor
 from clara.recipes.train_config import TrainConfig
 from clara.recipes.train_state import (
@@ -336,29 +336,22 @@ def read_png(path: Path):
     return width, height, depth, color, raw, {k: b for k, b in chunks if k == b"tEXt"}
 
 
-def test_loss_curve_png_is_valid_and_draws_the_curve(tmp_path):
+def test_loss_curve_png_is_a_matplotlib_chart(tmp_path):
     steps = list(range(1, 41))
     losses = [3.0 * math.exp(-s / 12) + 0.2 for s in steps]
-    out = write_loss_curve_png(tmp_path / "loss.png", steps, losses, "stage1 loss")
+    out = write_loss_curve_png(tmp_path / "loss.png", steps, losses, "stage1 loss", smooth=5)
     width, height, depth, color, raw, text = read_png(out)
-    assert (width, height, depth, color) == (640, 400, 8, 2)
-    assert len(raw) == height * (1 + 3 * width)
-    assert text[b"tEXt"] == b"Title\x00stage1 loss"
+    assert (width, height) == (640, 400) and depth == 8
+    assert text[b"tEXt"].startswith(b"Title\x00stage1 loss")
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temp file left behind
-
-    rows = [raw[y * (1 + 3 * width) + 1:(y + 1) * (1 + 3 * width)] for y in range(height)]
-
-    def pixel(x, y):
-        return tuple(rows[y][3 * x:3 * x + 3])
-
-    assert pixel(width - 1, 0) == WHITE  # background outside the frame
-    blue = [(x, y) for y in range(height) for x in range(width) if pixel(x, y) == BLUE]
-    assert len(blue) > 200
-    # The curve falls: its leftmost pixels sit higher (smaller y) than its rightmost ones.
-    xs = sorted(x for x, _ in blue)
-    left_y = min(y for x, y in blue if x == xs[0])
-    right_y = max(y for x, y in blue if x == xs[-1])
-    assert left_y < right_y
+    figure_bytes = out.read_bytes()
+    write_loss_curve_png(tmp_path / "again.png", steps, [v + 1 for v in losses], "stage1 loss", smooth=5)
+    assert (tmp_path / "again.png").read_bytes() != figure_bytes  # the data shapes the picture
+    bars = write_bar_chart_png(tmp_path / "bars.png", {"compressed": 1.9, "no context": 2.3}, "answer NLL", "nats")
+    assert read_png(bars)[:2] == (640, 400)
+    grouped = write_bar_chart_png(tmp_path / "grouped.png", {}, "recall", "R@1",
+                                  groups={"BM25": {"R@1": 0.9, "MRR": 0.93}, "CLaRa": {"R@1": 0.5, "MRR": 0.6}})
+    assert read_png(grouped)[:2] == (640, 400)
 
 
 def test_loss_curve_png_rejects_bad_input(tmp_path):
@@ -366,6 +359,9 @@ def test_loss_curve_png_rejects_bad_input(tmp_path):
         write_loss_curve_png(tmp_path / "a.png", [1, 2], [0.5], "t")
     with pytest.raises(ValueError, match="no finite"):
         write_loss_curve_png(tmp_path / "a.png", [1, 2], [float("nan"), float("inf")], "t")
+    with pytest.raises(ValueError, match="no bar"):
+        write_bar_chart_png(tmp_path / "b.png", {}, "t", "y")
     # A single point and a flat curve still give a picture.
     write_loss_curve_png(tmp_path / "one.png", [3], [1.0], "t")
     assert read_png(tmp_path / "one.png")[:2] == (640, 400)
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()

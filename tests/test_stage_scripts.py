@@ -1,0 +1,96 @@
+"""The per-stage recipe scripts: a TOML config of clara-train flags plus overrides, each stage
+trained on the tiny random base; the shipped configs parse; `clara-data restate` rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clara.data.formats import Stage1Example, read_stage_file, write_stage_file
+from clara.data.restate import main as restate_main
+from clara.data.restate import with_restated_documents
+from clara.recipes import stage1, stage1_2, stage2, stage2_retrieval
+from clara.recipes.stage_config import CONFIG_DIR, config_flags, load_stage_config
+
+SCRIPTS = {"stage1": stage1, "stage1_2": stage1_2, "stage2": stage2, "stage2_pretrain_retrieval": stage2_retrieval}
+
+
+def toml(values: dict) -> str:
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(json.dumps(x) for x in v) + "]"
+        return json.dumps(v) if isinstance(v, str) else str(v)
+    return "".join(f"{k} = {value(v)}\n" for k, v in values.items())
+
+
+def tiny_config(base, data, stage: str, save: Path) -> dict:
+    return {"pretrain": str(base), "dataset": str(data["stage2" if stage.startswith("stage2") else stage]),
+            "compress_rate": 16, "doc_max_length": 32, "max_len": 256, "generation_top_k": 2, "lora_rank": 4,
+            "train_batch_size": 2, "micro_train_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3,
+            "save_path": str(save), "mse_loss": stage in ("stage1", "stage1_2"), "lora_dropout": 0.0}
+
+
+@pytest.mark.parametrize("stage", list(SCRIPTS))
+def test_each_stage_script_trains_from_its_config(stage, tiny_base_dir, stage_files, tmp_path):
+    config = tmp_path / f"{stage}.toml"
+    config.write_text(toml(tiny_config(tiny_base_dir, stage_files, stage, tmp_path / "run")))
+    assert SCRIPTS[stage].main([str(config), "--max_steps", "1"]) == 0  # an override wins
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and all(r["loss"] > 0 for r in rows)
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert recorded["identity"]["stage"] == stage and recorded["flags"]["mse_loss"] == (stage in ("stage1", "stage1_2"))
+
+
+def test_a_config_maps_to_the_same_flags_as_the_command_line(tmp_path):
+    path = tmp_path / "c.toml"
+    flags = config_flags({"pretrain": "m", "qa_loss": False, "mse_loss": True, "bf16": False,
+                          "target_modules": ["q_proj", "v_proj"], "learning_rate": 2e-4}, path)
+    assert flags == ["--pretrain", "m", "--no_qa_loss", "--mse_loss", "--target_modules", "q_proj", "v_proj",
+                     "--learning_rate", "0.0002"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('pretrain = "m"\ndataset = "d"\nstage = "stage2"\n', r"field 'stage' is 'stage2', but this script trains stage1"),
+    ('pretrain = "m"\ndataset = "d"\nlearning_rat = 1e-4\n', r"field 'learning_rat' is not a clara-train flag"),
+    ('pretrain = "m"\ndataset = "d"\nmse_loss = 1\n', r"field 'mse_loss' is a switch: write true or false"),
+    ('pretrain = "m"\ndataset = \n', r"invalid TOML"),
+])
+def test_bad_configs_are_refused_naming_the_file_and_field(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_stage_config("stage1", [str(path)])
+    assert stage1.main([str(path)]) == 2
+
+
+def test_every_shipped_config_parses_as_its_stage():
+    shipped = sorted(CONFIG_DIR.glob("*/*.toml"))
+    assert {p.parent.name for p in shipped} == {"smollm2-cpu", "phi2-t4", "mistral7b-h100"}
+    assert len(shipped) == 12
+    stages = {"stage1": "stage1", "stage1_2": "stage1_2", "stage2": "stage2",
+              "stage2_retrieval": "stage2_pretrain_retrieval"}
+    for path in shipped:
+        config = load_stage_config(stages[path.stem], [path.parent.name])
+        assert config.stage == stages[path.stem]
+        assert config.doc_max_length % config.compress_rate == 0
+    paper = load_stage_config("stage1", ["mistral7b-h100"])
+    assert (paper.learning_rate, paper.train_batch_size, paper.mse_loss) == (1e-4, 128, True)
+    assert load_stage_config("stage2", ["mistral7b-h100"]).learning_rate == 5e-6
+    assert load_stage_config("stage2", ["mistral7b-h100"]).train_batch_size == 32
+
+
+def test_restate_adds_one_row_per_distinct_document(tmp_path):
+    rows = [Stage1Example("qa", ("q1?",), ("a1",), ("doc A",)), Stage1Example("qa", ("q2?",), ("a2",), ("doc A",)),
+            Stage1Example("qa", ("q3?",), ("a3",), ("doc B",))]
+    mixed = with_restated_documents(rows, seed=1)
+    assert sorted(map(repr, mixed)) == sorted(map(repr, rows + [Stage1Example("paraphrase", (), ("doc A",), ("doc A",)),
+                                                                  Stage1Example("paraphrase", (), ("doc B",), ("doc B",))]))
+    assert with_restated_documents(rows, seed=1) == mixed != with_restated_documents(rows, seed=2)
+    source = tmp_path / "s1.jsonl"
+    write_stage_file(source, rows, "stage1")
+    assert restate_main([str(source), "--out", str(tmp_path / "out.jsonl"), "--seed", "1"]) == 0
+    assert read_stage_file(tmp_path / "out.jsonl", "stage1") == mixed
