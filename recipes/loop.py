@@ -43,6 +43,7 @@ from clara.stages import get_stage
 from clara.model import Clara, LossTerm, combine_loss_terms
 from clara.prompts import PROMPT_TEXTS
 from clara.recipes import dataset as ds
+from clara.recipes.nll import answer_nll
 from clara.recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_sum, barrier, full_parameters, gather_objects,
                                  init_distributed, is_sharded, shutdown, wrap_model)
 from clara.recipes.precision import choose_precision, flash_attention_note, pick_device
@@ -560,6 +561,19 @@ def _read_history(path: Path, up_to_step: int) -> list[StepResult]:
     return out
 
 
+def _memory_gap(model: Clara, examples, n: int = 64) -> dict[str, float]:
+    """The compressor's diagnostic: the answer's NLL with its own documents' memory against a
+    neighbour row's, on up to `n` evaluation rows. Near 0, the generator ignores the memory."""
+    rows = [e for e in examples if getattr(e, "data_type", "qa") == "qa"]
+    counts = [len(e.docs) for e in rows]
+    rows = [e for e in rows if counts and len(e.docs) == max(set(counts), key=counts.count)][:n]
+    if len(rows) < 2:
+        return {}
+    means = answer_nll(model, rows, progress=False, conditions=("compressed", "shuffled")).means()
+    return {"eval_nll_own": means["nll_compressed"], "eval_nll_shuffled": means["nll_shuffled"],
+            "eval_own_vs_shuffled": means["own_vs_shuffled"]}
+
+
 @torch.no_grad()
 def _evaluate(model: Clara, module, examples, args, precision, device, dist: DistInfo, save_path: Path,
               position: Position) -> None:
@@ -587,6 +601,8 @@ def _evaluate(model: Clara, module, examples, args, precision, device, dist: Dis
     eval_loss = float(combine_loss_terms([replace(term, value=torch.tensor(totals[name]))
                                           for name, term in kinds.items()], int(tokens), int(n))) if kinds else None
     row: dict[str, Any] = {"step": position.global_step, "eval_loss": eval_loss}
+    if dist.is_main and not is_sharded(model) and stage.generates and not stage.retrieves:
+        row.update(_memory_gap(model, examples))
     if args.do_eval_gen and is_sharded(model) and dist.is_main:
         log.info("--do_eval_gen: sample generations are skipped under FSDP2 (rank 0 alone cannot run a "
                  "sharded model); run clara.recipes.evaluate on the saved checkpoint instead")

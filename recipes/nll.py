@@ -34,10 +34,13 @@ class NLLResult:
     per_row: list[dict[str, float]]  # {condition: mean NLL of the row's answer tokens}
 
     def means(self) -> dict[str, float]:
-        out = {f"nll_{c}": sum(row[c] for row in self.per_row) / len(self.per_row) for c in CONDITIONS}
-        gain_text = out["nll_no_context"] - out["nll_full_text"]
-        out["retained"] = (out["nll_no_context"] - out["nll_compressed"]) / gain_text if gain_text else float("nan")
-        out["own_vs_shuffled"] = out["nll_shuffled"] - out["nll_compressed"]
+        present = [c for c in CONDITIONS if c in self.per_row[0]]
+        out = {f"nll_{c}": sum(row[c] for row in self.per_row) / len(self.per_row) for c in present}
+        if {"no_context", "full_text", "compressed"} <= set(present):
+            gain_text = out["nll_no_context"] - out["nll_full_text"]
+            out["retained"] = (out["nll_no_context"] - out["nll_compressed"]) / gain_text if gain_text else float("nan")
+        if {"shuffled", "compressed"} <= set(present):
+            out["own_vs_shuffled"] = out["nll_shuffled"] - out["nll_compressed"]
         out["n"] = len(self.per_row)
         return out
 
@@ -67,9 +70,14 @@ def _full_text(model: Clara, docs: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def answer_nll(model: Clara, examples: Sequence[Any], batch_size: int = 4, progress: bool = True) -> NLLResult:
-    """The NLL of each example's answer under the four CONDITIONS (examples: stage1 QA rows or
-    stage1_2 rows, each with the same number of documents; at least two, for `shuffled`)."""
+def answer_nll(model: Clara, examples: Sequence[Any], batch_size: int = 4, progress: bool = True,
+               conditions: Sequence[str] = CONDITIONS) -> NLLResult:
+    """The NLL of each example's answer under `conditions` (default all four CONDITIONS; examples:
+    stage1 QA rows or stage1_2 rows, each with the same number of documents; at least two, for
+    `shuffled`)."""
+    unknown = sorted(set(conditions) - set(CONDITIONS))
+    if unknown:
+        raise ValueError(f"unknown NLL condition(s) {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}")
     examples = [e for e in examples if getattr(e, "data_type", "qa") == "qa"]
     if len(examples) < 2:
         raise ValueError(f"the NLL evaluation needs at least 2 QA or stage1_2 rows, got {len(examples)}")
@@ -87,16 +95,17 @@ def answer_nll(model: Clara, examples: Sequence[Any], batch_size: int = 4, progr
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         slotted = [prompt_for_example(e, model.tokenizer, config, model.rng, model.texts) for e in chunk]
-        values = {
-            "compressed": _row_nll(model, slotted, memory[start:start + len(chunk)]),
-            "shuffled": _row_nll(model, slotted, shuffled[start:start + len(chunk)]),
-            "no_context": _row_nll(model, [text_context_prompt(e, model.tokenizer, model.config, "", model.texts)
-                                           for e in chunk], None),
-            "full_text": _row_nll(model, [text_context_prompt(e, model.tokenizer, model.config,
-                                                              _full_text(model, e.docs), model.texts)
-                                          for e in chunk], None),
+        runs = {
+            "compressed": lambda: _row_nll(model, slotted, memory[start:start + len(chunk)]),
+            "shuffled": lambda: _row_nll(model, slotted, shuffled[start:start + len(chunk)]),
+            "no_context": lambda: _row_nll(model, [text_context_prompt(e, model.tokenizer, config, "", model.texts)
+                                                   for e in chunk], None),
+            "full_text": lambda: _row_nll(model, [text_context_prompt(e, model.tokenizer, config,
+                                                                      _full_text(model, e.docs), model.texts)
+                                                  for e in chunk], None),
         }
-        rows += [{c: values[c][i] for c in CONDITIONS} for i in range(len(chunk))]
+        values = {c: runs[c]() for c in conditions}
+        rows += [{c: values[c][i] for c in conditions} for i in range(len(chunk))]
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)

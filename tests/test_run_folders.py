@@ -180,6 +180,9 @@ def test_resume_with_eval_rows_in_the_metrics(tiny_base_dir, stage_files, tmp_pa
     rows = metrics(run)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2, 3]
+    # the compressor's diagnostic: own documents against a neighbour row's
+    evals = [r for r in rows if "eval_loss" in r]
+    assert all(r["eval_own_vs_shuffled"] == pytest.approx(r["eval_nll_shuffled"] - r["eval_nll_own"]) for r in evals)
 
 
 def test_the_last_step_of_an_epoch_is_logged_with_its_own_epoch(tiny_base_dir, stage_files, tmp_path):
