@@ -326,7 +326,8 @@ def train(args: TrainConfig) -> TrainResult:
             check_same_run(read_run_identity(latest), identity, str(latest))
     if latest is not None and (recorded := read_run_file(save_path)) is not None:
         check_same_run(recorded, identity, str(save_path / RUN_FILE))
-    doomed = check_run_folder(save_path, root, resuming=latest is not None, overwrite=args.overwrite)
+    doomed = check_run_folder(save_path, root, resuming=latest is not None, overwrite=args.overwrite,
+                              resume_requested=args.load_checkpoint)
     check_flags_match_checkpoint(args)
 
     log.info("device %s, %s", device, precision.note)

@@ -34,7 +34,8 @@ def run_outputs(save_path: Path, checkpoint_root: Path) -> list[Path]:
     return found
 
 
-def check_run_folder(save_path: Path, checkpoint_root: Path, *, resuming: bool, overwrite: bool) -> list[Path]:
+def check_run_folder(save_path: Path, checkpoint_root: Path, *, resuming: bool, overwrite: bool,
+                     resume_requested: bool = False) -> list[Path]:
     """What `--overwrite` will remove before a fresh run starts; CheckpointError when a fresh run
     would write over another run's outputs without `--overwrite`."""
     if resuming:
@@ -43,6 +44,10 @@ def check_run_folder(save_path: Path, checkpoint_root: Path, *, resuming: bool, 
     if not found or overwrite:
         return found
     names = ", ".join(sorted({path.name if path.parent == save_path else str(path) for path in found}))
+    if resume_requested:  # --load_checkpoint was given, but the run saved no step checkpoint yet
+        raise CheckpointError(f"--save_path {save_path}: holds a run ({names}) but {checkpoint_root} has no step "
+                              "checkpoint to resume; start it over with --overwrite, or give this run its own "
+                              "--save_path")
     raise CheckpointError(f"--save_path {save_path}: holds a run already ({names}); resume it with "
                           "--load_checkpoint, start over with --overwrite, or give this run its own --save_path")
 

@@ -131,6 +131,9 @@ CASES = [
     Case("train: resume at another compress rate", "clara-train",
          lambda w: train(w, "--load_checkpoint", "--compress_rate", "8", save="done"),
          lambda w: "--compress_rate 16 there, 8 here"),
+    Case("train: --load_checkpoint on a run that saved no step checkpoint", "clara-train",
+         lambda w: train(w, "--load_checkpoint", "--save_steps", "-1", save="unsaved"),
+         lambda w: f"{w['root'] / 'unsaved' / 'checkpoints'} has no step checkpoint to resume"),
     Case("train: --save_path is a file", "clara-train", lambda w: with_flag(train(w), "--save_path", str(w["stage1"])),
          lambda w: f"--save_path {w['stage1']}: exists and is not a folder"),
     # ---- clara-generate
@@ -240,6 +243,10 @@ def workspace(tmp_path_factory, tiny_base_dir, stage_files):
     assert train_main(train(w, save="done")) == 0
     # ./ckpt of an earlier run started from this folder with the default --save_path
     shutil.copytree(w["done"], root / "ckpt")
+    # a run stopped before its first step checkpoint: outputs, no checkpoints/
+    (root / "unsaved").mkdir()
+    for name in ("run.json", "metrics.jsonl"):
+        shutil.copy(w["done"] / name, root / "unsaved" / name)
     w["bad_config_ckpt"] = root / "bad_config_ckpt"
     shutil.copytree(w["done"] / "final", w["bad_config_ckpt"])
     (w["bad_config_ckpt"] / "clara.json").write_text("{ not json")
