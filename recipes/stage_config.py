@@ -112,4 +112,9 @@ def run_stage(stage: str, argv: Sequence[str] | None) -> int:
     from clara.recipes.loop import train
 
     config = load_stage_config(stage, list(sys.argv[1:] if argv is None else argv))
+    if config.dry_run:
+        from clara.recipes.planner import plan_from_args
+
+        print(plan_from_args(config))
+        return 0
     return INTERRUPTED if train(config).interrupted else 0
