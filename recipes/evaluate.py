@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _check_arguments(args)
     if problem:
         return fail("clara-eval", problem)
-    if args.nll and args.stage not in ("stage1", "stage1_2"):
+    if args.nll and not (get_stage(args.stage).generates and not get_stage(args.stage).retrieves):
         return fail("clara-eval", f"--nll measures stage1 QA rows and stage1_2 rows, not --stage {args.stage}")
     max_new_tokens = args.max_new_tokens or (STAGE2_MAX_NEW_TOKENS if get_stage(args.stage).retrieves else None)
     options = EvalOptions(args.stage, args.generation_top_k, max_new_tokens, args.batch_size,
