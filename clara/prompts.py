@@ -257,18 +257,30 @@ def _encode_turns(tokenizer: Tokenizer, system: str, user: str, answer: str | No
     return EncodedPrompt(prompt_ids, target_ids, _find_slots(prompt_ids, special, n_slots, where))
 
 
+def _documents_field(tokenizer: Tokenizer, config: ClaraConfig, n_docs: int, context: str | None
+                     ) -> tuple[str, int]:
+    """(what fills `{docs}`, the number of slots in it): n_docs memory slots, or the plain text
+    `context` (no slot) for the text baselines of text_context_prompt."""
+    if context is None:
+        return slots_text(config, n_docs), n_docs
+    check_plain_text(tokenizer, context, "docs")
+    return context, 0
+
+
 def stage1_qa_prompt(tokenizer: Tokenizer, config: ClaraConfig, questions: Sequence[str],
-                     answers: Sequence[str], n_docs: int = 1, texts: PromptTexts = DEFAULT_TEXTS
-                     ) -> EncodedPrompt:
-    """Stage 1, QA rows: from the memory of `n_docs` documents, ask and answer their questions."""
+                     answers: Sequence[str], n_docs: int = 1, texts: PromptTexts = DEFAULT_TEXTS, *,
+                     context: str | None = None) -> EncodedPrompt:
+    """Stage 1, QA rows: from the memory of `n_docs` documents, ask and answer their questions
+    (from the text `context` instead, when given)."""
     for i, q in enumerate(questions):
         check_plain_text(tokenizer, q, f"question[{i}]")
     for i, a in enumerate(answers):
         check_plain_text(tokenizer, a, f"answers[{i}]")
     special = special_token_ids(tokenizer, config)
-    user = texts.qa_user.replace("{docs}", slots_text(config, n_docs))
+    docs, n_slots = _documents_field(tokenizer, config, n_docs, context)
+    user = texts.qa_user.replace("{docs}", docs)
     return _encode_turns(tokenizer, texts.qa_system, user, qa_target(questions, answers), special,
-                         n_docs, "stage1 QA prompt")
+                         n_slots, "stage1 QA prompt")
 
 
 def stage1_paraphrase_prompt(tokenizer: Tokenizer, config: ClaraConfig, target: str | None,
@@ -289,16 +301,19 @@ def stage1_paraphrase_prompt(tokenizer: Tokenizer, config: ClaraConfig, target: 
 
 
 def instruction_prompt(tokenizer: Tokenizer, config: ClaraConfig, question: str, answer: str | None,
-                       n_docs: int, texts: PromptTexts = DEFAULT_TEXTS) -> EncodedPrompt:
-    """Stage 1_2: answer `question` from the memory of `n_docs` documents. answer None: generation."""
+                       n_docs: int, texts: PromptTexts = DEFAULT_TEXTS, *, context: str | None = None
+                       ) -> EncodedPrompt:
+    """Stage 1_2: answer `question` from the memory of `n_docs` documents (from the text `context`
+    instead, when given). answer None: generation."""
     check_plain_text(tokenizer, question, "question")
     if answer is not None:
         check_plain_text(tokenizer, answer, "answer")
     special = special_token_ids(tokenizer, config)
+    docs, n_slots = _documents_field(tokenizer, config, n_docs, context)
     # Substitute the question last, so a question that happens to spell "{docs}" stays as typed.
-    user = texts.instruction_user.replace("{docs}", slots_text(config, n_docs), 1)
+    user = texts.instruction_user.replace("{docs}", docs, 1)
     user = user.replace("{question}", question, 1)
-    return _encode_turns(tokenizer, texts.instruction_system, user, answer, special, n_docs,
+    return _encode_turns(tokenizer, texts.instruction_system, user, answer, special, n_slots,
                          "instruction prompt")
 
 
@@ -332,18 +347,11 @@ def text_context_prompt(example: Any, tokenizer: Tokenizer, config: ClaraConfig,
     """The prompt `prompt_for_example` builds for a stage1 QA row or a stage1_2 row, with the text
     `context` where the document slots would be: the documents' full text, or "" for no context.
     The baselines of a compressed prompt: the same template, wording and answer."""
-    special = special_token_ids(tokenizer, config)
-    check_plain_text(tokenizer, context, "docs")
     if getattr(example, "data_type", None) == "qa":
-        user = texts.qa_user.replace("{docs}", context)
-        return _encode_turns(tokenizer, texts.qa_system, user, qa_target(example.questions, example.answers),
-                             special, 0, "stage1 QA prompt")
+        return stage1_qa_prompt(tokenizer, config, example.questions, example.answers, texts=texts, context=context)
     if getattr(example, "data_type", None) is not None:
         raise ValueError("text_context_prompt: paraphrase rows have no text-context baseline")
-    check_plain_text(tokenizer, example.question, "question")
-    user = texts.instruction_user.replace("{docs}", context, 1).replace("{question}", example.question, 1)
-    return _encode_turns(tokenizer, texts.instruction_system, user, example.answer, special, 0,
-                         "instruction prompt")
+    return instruction_prompt(tokenizer, config, example.question, example.answer, 0, texts, context=context)
 
 
 # ---------------------------------------------------------------------------------------------

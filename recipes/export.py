@@ -32,22 +32,12 @@ MANIFEST = "manifest.json"
 def command_of(flags: dict[str, Any]) -> str:
     """The clara-train command line of a run: its flags that differ from the defaults."""
     from clara.recipes.args import build_parser
+    from clara.recipes.stage_config import config_flags
 
-    defaults = {a.dest: a.default for a in build_parser()._actions}
-    parts = ["clara-train"]
-    for name, value in flags.items():
-        default = defaults.get(name)
-        if isinstance(default, tuple):
-            default = list(default)
-        if value == default or name not in defaults:
-            continue
-        if isinstance(value, bool):
-            parts.append(f"--{name}" if value else ("--no_qa_loss" if name == "qa_loss" else ""))
-        elif isinstance(value, list):
-            parts += [f"--{name}", *map(str, value)]
-        else:
-            parts += [f"--{name}", str(value)]
-    return " ".join(p for p in parts if p)
+    defaults = {a.dest: list(a.default) if isinstance(a.default, tuple) else a.default
+                for a in build_parser()._actions}
+    changed = {name: value for name, value in flags.items() if name in defaults and value != defaults[name]}
+    return " ".join(["clara-train", *config_flags(changed, Path("run.json"))])
 
 
 def stage_record(run: Path, data_root: Path) -> dict[str, Any]:

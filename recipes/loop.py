@@ -102,6 +102,11 @@ def run_switches(args: TrainConfig) -> dict[str, Any]:
             "lora_dropout": args.lora_dropout}
 
 
+def lora_targets(args: TrainConfig) -> str | tuple[str, ...]:
+    """--target_modules as ClaraConfig.lora_target_modules holds it."""
+    return "all-linear" if args.target_modules == ["all-linear"] else tuple(args.target_modules)
+
+
 def start_checkpoint(args: TrainConfig) -> Path | None:
     """The Clara checkpoint the run starts from (--pretrain_checkpoint, or --pretrain naming one)."""
     checkpoint = find_clara_checkpoint(args.pretrain_checkpoint) or find_clara_checkpoint(args.pretrain)
@@ -118,12 +123,11 @@ def check_flags_match_checkpoint(args: TrainConfig) -> None:
     if checkpoint is None:
         return
     config = read_checkpoint_config(checkpoint)
-    targets = ("all-linear" if args.target_modules == ["all-linear"] else tuple(args.target_modules))
     pairs = {"compress_rate": (config.compress_rate, args.compress_rate),
              "doc_max_length": (config.doc_max_length, args.doc_max_length),
              "lora_rank": (config.lora_r, args.lora_rank),
              "lora_alpha": (config.lora_alpha, args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank),
-             "target_modules": (config.lora_target_modules, targets)}
+             "target_modules": (config.lora_target_modules, lora_targets(args))}
     differences = [f"--{flag} {mine} (the checkpoint has {theirs})" for flag, (theirs, mine) in pairs.items()
                    if theirs != mine]
     if differences:
@@ -163,8 +167,7 @@ def build_model(args: TrainConfig, precision, device) -> Clara:
     else:
         config = ClaraConfig(compress_rate=args.compress_rate, doc_max_length=args.doc_max_length,
                              training_stage=stage, lora_r=args.lora_rank, lora_alpha=args.lora_alpha,
-                             lora_target_modules="all-linear" if args.target_modules == ["all-linear"]
-                             else tuple(args.target_modules), **run_switches(args))
+                             lora_target_modules=lora_targets(args), **run_switches(args))
         model = Clara.from_base(args.pretrain, config, dtype=precision.weight_dtype, device=device,
                                 texts=PROMPT_TEXTS[args.prompt_texts])
     model.rng.seed(args.seed)
@@ -262,16 +265,12 @@ def load_run_data(args: TrainConfig) -> tuple[list, list | None]:
     stage = get_stage(args.stage)
     # The document counts are checked against --generation_top_k except on stage1's typed rows.
     top_k = None if stage.typed_rows else args.generation_top_k
-    examples = ds.load_examples(args.dataset, stage.data_format, max_samples=args.max_samples, top_k=top_k)
-    if stage.typed_rows:
-        examples = ds.select_stage1_rows(examples, args.qa_loss)
-    eval_examples = None
-    if args.eval_dataset:
-        eval_examples = ds.load_examples(args.eval_dataset, stage.data_format, max_samples=args.max_samples,
-                                         top_k=top_k)
-        if stage.typed_rows:
-            eval_examples = ds.select_stage1_rows(eval_examples, args.qa_loss)
-    return examples, eval_examples
+
+    def read(source: str) -> list:
+        examples = ds.load_examples(source, stage.data_format, max_samples=args.max_samples, top_k=top_k)
+        return ds.select_stage1_rows(examples, args.qa_loss) if stage.typed_rows else examples
+
+    return read(args.dataset), read(args.eval_dataset) if args.eval_dataset else None
 
 
 class StopRequest:
@@ -317,13 +316,14 @@ def train(args: TrainConfig) -> TrainResult:
              f", {len(eval_examples)} evaluation examples" if eval_examples else "")
     save_path, root = Path(args.save_path), checkpoint_root(args)
     identity = run_identity(args, examples)
-    latest = None
+    latest = saved_identity = None
     if args.load_checkpoint:
         latest = find_resumable_checkpoint(root, warn=log.warning if dist.is_main else lambda message: None)
         if latest is None:
             log.info("--load_checkpoint: no checkpoint in %s; starting afresh", root)
         else:
-            check_same_run(read_run_identity(latest), identity, str(latest))
+            saved_identity = read_run_identity(latest)
+            check_same_run(saved_identity, identity, str(latest))
     if latest is not None and (recorded := read_run_file(save_path)) is not None:
         check_same_run(recorded, identity, str(save_path / RUN_FILE))
     doomed = check_run_folder(save_path, root, resuming=latest is not None, overwrite=args.overwrite,
@@ -343,7 +343,7 @@ def train(args: TrainConfig) -> TrainResult:
         check_prompts_fit(model, eval_examples, args.max_len, args.eval_dataset)
     identity = run_identity(args, examples, model.base_fingerprint)
     if latest is not None:
-        check_same_run(read_run_identity(latest), identity, str(latest))  # the base, now that it is loaded
+        check_same_run(saved_identity, identity, str(latest))  # the base, now that it is loaded
 
     global_batch = args.train_batch_size
     per_epoch = ds.steps_per_epoch(len(examples), global_batch)
