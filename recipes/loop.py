@@ -19,6 +19,7 @@ resuming from it (`--load_checkpoint`) continues the loss curve exactly.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -566,8 +567,11 @@ def _memory_gap(model: Clara, examples, n: int = 64) -> dict[str, float]:
     """The compressor's diagnostic: the answer's NLL with its own documents' memory against a
     neighbour row's, on up to `n` evaluation rows. Near 0, the generator ignores the memory."""
     rows = [e for e in examples if getattr(e, "data_type", "qa") == "qa"]
-    counts = [len(e.docs) for e in rows]
-    rows = [e for e in rows if counts and len(e.docs) == max(set(counts), key=counts.count)][:n]
+    if not rows:
+        return {}
+    # answer_nll needs one document count: keep the rows of the most common one.
+    common = collections.Counter(len(e.docs) for e in rows).most_common(1)[0][0]
+    rows = [e for e in rows if len(e.docs) == common][:n]
     if len(rows) < 2:
         return {}
     means = answer_nll(model, rows, progress=False, conditions=("compressed", "shuffled")).means()
