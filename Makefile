@@ -1,5 +1,5 @@
 # Two entry points, each setting up .venv from scratch on a fresh machine:
-#   make demo   - run NutriBot's generator on the embedded SmolLM2-135M model
+#   make demo   - NutriBot answers three patients' questions with the shipped checkpoint
 #   make test   - run the test suite
 # Both install exactly the versions in requirements.lock (what CI tested); pyproject.toml keeps the
 # loose ranges that users get from `pip install clara-rag`.
@@ -31,8 +31,8 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/clara-generate --model smollm2-135m --chat --max_new_tokens 96 \
-		--prompt "Which foods are rich in vitamin K, and why does that matter for someone taking warfarin?"
+	$(VENV)/bin/nutribot ask --batch nutribot/demo_cases.jsonl --max_new_tokens 64
+	@echo "== the chat page and HTTP API: $(VENV)/bin/nutribot serve, then open http://127.0.0.1:8000/"
 
 # The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path, where the
 # folder kernels/ would hide Hugging Face's `kernels` package from transformers.

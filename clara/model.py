@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -123,6 +123,7 @@ class GenerationSettings:
     temperature: float = 0.0  # 0: greedy, as the official generate_* methods
     top_p: float = 1.0
     seed: int | None = None
+    on_token: Callable[[torch.Tensor], None] | None = None  # each step's new tokens [B], for streaming
 
 
 class Clara(nn.Module):
@@ -412,7 +413,7 @@ class Clara(nn.Module):
                 new = generate(self.decoder, inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                top_p=settings.top_p, stop_ids=self.tokenizer.stop_ids(),
-                               pad_id=self.tokenizer.pad_id, generator=generator)
+                               pad_id=self.tokenizer.pad_id, generator=generator, on_token=settings.on_token)
             return [self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in new]
         finally:
             self.train(was_training)
@@ -462,6 +463,18 @@ class Clara(nn.Module):
         prompts = [instruction_prompt(self.tokenizer, self.config, q, None, memory.shape[1], self.texts)
                    for q in questions]
         return self._generate_from_memory(prompts, memory, self._settings(max_new_tokens, **kw))
+
+    def generate_from_text_context(self, questions: Sequence[str], contexts: Sequence[str],
+                                   max_new_tokens: int | None = None, **kw) -> list[str]:
+        """Answer each question with its context (the documents' full text) written into the prompt:
+        the baseline of answering from compressed documents, same template and decoder adapter."""
+        self._check_questions(questions, None)
+        if len(contexts) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(contexts)} contexts")
+        prompts = [instruction_prompt(self.tokenizer, self.config, q, None, 0, self.texts, context=c)
+                   for q, c in zip(questions, contexts)]
+        no_memory = torch.zeros(len(questions), 0, 0, self.hidden_size, device=self.device)
+        return self._generate_from_memory(prompts, no_memory, self._settings(max_new_tokens, **kw))
 
     @torch.no_grad()
     def retrieve(self, questions: Sequence[str], candidate_memory: torch.Tensor, k: int

@@ -1,0 +1,257 @@
+"""NutriBot's retriever: documents compressed once, searched by the query reasoner, filtered for safety.
+
+    r = ClaraRetriever()                                   # built-in knowledge base, shipped checkpoint
+    hits = r.search("Which greens should I eat?", "on warfarin", top_k=5)
+    reply = r.answer("Which greens should I eat?", "on warfarin")
+
+mode="clara" compresses every passage into a MemoryIndex, saved under the cache folder and rebuilt
+only when the passages or the compressor change; a question is encoded by the query reasoner and
+scored against the whole index. mode="text" is the baseline: BM25 over the passages' text and the
+passages' full text in the prompt. Both give the same result shape, and in both the safety layer
+(nutribot.safety, nutribot.filters: rules, no model) decides every warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from clara import Clara, MemoryIndex
+from clara.data.bm25 import BM25Index, top_indices
+from clara.lora import copy_adapter, lora_layers
+from clara.model import ENCODER, QUERY, _move
+from clara.prompts import encoder_inputs
+from nutribot.filters import answer_warnings, filter_documents
+from nutribot.knowledge import Knowledge, Passage, load_knowledge
+from nutribot.safety import Contraindication, extract_contraindications
+
+log = logging.getLogger("nutribot")
+
+MODES = ("clara", "text")
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "nutribot-smollm2"
+FALLBACK_BASE = "smollm2-135m"
+CANDIDATES_PER_RESULT = 4  # search this many times top_k, so demoting unsafe documents still fills top_k
+
+
+def default_checkpoint() -> str:
+    """The shipped checkpoint when this is a source checkout, else the untrained embedded base."""
+    return str(SHIPPED_CHECKPOINT) if (SHIPPED_CHECKPOINT / "clara.json").is_file() else FALLBACK_BASE
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NUTRIBOT_CACHE", Path.home() / ".cache" / "nutribot"))
+
+
+@dataclass
+class Retrieved:
+    passage: Passage
+    score: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        p = self.passage
+        return {"id": p.id, "title": p.title, "text": p.text, "source": p.source, "page": p.page,
+                "score": round(float(self.score), 6), "warnings": list(self.warnings)}
+
+
+@dataclass
+class SearchResult:
+    contraindications: list[Contraindication]
+    documents: list[Retrieved]
+
+    def warnings(self) -> list[str]:
+        """One line per contraindication, then each document's warnings, without repeats."""
+        return _unique([patient_warning(c) for c in self.contraindications]
+                       + [w for d in self.documents for w in d.warnings])
+
+
+def patient_warning(c: Contraindication) -> str:
+    return f"{c.name}: take care with {', '.join(c.restricts)}. {c.reason}"
+
+
+@dataclass
+class Reply:
+    answer: str
+    warnings: list[str]
+    contraindications: list[Contraindication]
+    documents: list[Retrieved]
+    mode: str
+
+    def to_json(self) -> dict:
+        return {"answer": self.answer, "warnings": list(self.warnings),
+                "contraindications": [c.to_json() for c in self.contraindications],
+                "documents": [d.to_json() for d in self.documents], "mode": self.mode}
+
+
+def load_model(checkpoint: str | os.PathLike, device: str = "cpu") -> Clara:
+    """A Clara checkpoint folder (or training run), else a base model: an untrained Clara."""
+    path = Path(checkpoint)
+    if (path / "clara.json").is_file() or (path / "final" / "clara.json").is_file():
+        return Clara.from_pretrained(path, device=device)
+    return Clara.from_base(str(checkpoint), device=device)
+
+
+def compressor_fingerprint(model: Clara) -> str:
+    """sha256 of everything that decides a passage's memory: the encoder adapter, the memory rows,
+    the document length and compression rate, and the base's fingerprint."""
+    digest = hashlib.sha256()
+    cfg = model.config
+    digest.update(f"{model.base_fingerprint}|{cfg.doc_max_length}|{cfg.n_mem_tokens}".encode())
+    tensors = [model.memory_embeddings]
+    for layer in lora_layers(model.decoder).values():
+        adapter = layer.adapters[ENCODER]
+        tensors += [adapter.lora_A, adapter.lora_B]
+    for t in tensors:
+        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ClaraRetriever:
+    def __init__(self, knowledge_base_path: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
+                 mode: str = "clara", *, model: Clara | None = None, cache_dir: str | os.PathLike | None = None,
+                 device: str = "cpu", max_new_tokens: int = 96, progress: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode, self.max_new_tokens, self.progress = mode, max_new_tokens, progress
+        self.checkpoint = str(checkpoint or default_checkpoint()) if model is None else "(given model)"
+        self.model = model if model is not None else load_model(self.checkpoint, device)
+        self.model.eval()
+        if QUERY not in self.model.adapter_names:
+            # A stage1 checkpoint has no query reasoner; stage2 would start it as the compressor.
+            copy_adapter(self.model.decoder, ENCODER, QUERY)
+            log.info("the checkpoint has no query reasoner: questions are encoded by the compressor")
+        self.knowledge: Knowledge = load_knowledge(knowledge_base_path, self.model.tokenizer,
+                                                   self.model.config.doc_max_length)
+        if not self.knowledge.passages:
+            raise ValueError(f"{self.knowledge.origin}: no passages to search")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._lock = threading.Lock()  # one generation or search on the model at a time
+        self.index: MemoryIndex | None = None
+        self.bm25: BM25Index | None = None
+        if mode == "clara":
+            self.index = self.load_or_build_index()
+        else:
+            self.bm25 = BM25Index([f"{p.title}\n{p.text}" for p in self.knowledge.passages])
+
+    # -- the index -------------------------------------------------------------------------------
+    def index_path(self) -> Path:
+        key = hashlib.sha256(f"{self.knowledge.fingerprint()}|{compressor_fingerprint(self.model)}".encode())
+        return self.cache_dir / f"index-{key.hexdigest()[:24]}.safetensors"
+
+    def load_or_build_index(self) -> MemoryIndex:
+        path = self.index_path()
+        ids = [p.id for p in self.knowledge.passages]
+        if path.is_file():
+            try:
+                index = MemoryIndex.load(path)
+                if index.ids == ids:
+                    log.info("memory index of %d passages loaded from %s", len(index), path)
+                    return index
+                log.warning("%s does not match the passages; rebuilding it", path)
+            except ValueError as e:
+                log.warning("%s; rebuilding it", e)
+        index = self.build_index()
+        index.save(path)
+        log.info("memory index of %d passages saved to %s", len(index), path)
+        return index
+
+    def build_index(self, batch_size: int = 8) -> MemoryIndex:
+        cfg = self.model.config
+        index = MemoryIndex(cfg.n_mem_tokens, self.model.hidden_size)
+        passages = self.knowledge.passages
+        with tqdm(total=len(passages), desc="compressing passages", unit="doc", disable=not self.progress) as bar:
+            for start in range(0, len(passages), batch_size):
+                chunk = passages[start:start + batch_size]
+                with self._lock:
+                    memory = self.model.compress_documents([p.text for p in chunk], batch_size=batch_size)
+                index.add(memory, [p.id for p in chunk])
+                bar.update(len(chunk))
+        return index
+
+    # -- search ----------------------------------------------------------------------------------
+    def _rank(self, query: str, n: int) -> list[tuple[int, float]]:
+        n = min(n, len(self.knowledge.passages))
+        if self.mode == "text":
+            scores = self.bm25.scores(query)
+            return [(i, float(scores[i])) for i in top_indices(scores, n)]
+        with self._lock, torch.no_grad():
+            batch = _move(encoder_inputs(self.model.tokenizer, self.model.config, [query]), self.model.device)
+            query_memory = self.model.encode_queries(batch)
+        scores, indices = self.index.search(query_memory, n)
+        return [(int(i), float(s)) for s, i in zip(scores[0].tolist(), indices[0].tolist())]
+
+    def search(self, query: str, patient_context: str | None = None, top_k: int = 5) -> SearchResult:
+        """The contraindications in `patient_context` and the top_k passages for `query`, each with
+        the warnings it needs; passages that encourage a restricted item come last."""
+        query = _check_query(query)
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        contraindications = extract_contraindications(patient_context)
+        ranked = self._rank(query, top_k * CANDIDATES_PER_RESULT)
+        candidates = [{"index": i, "score": s, "text": self.knowledge.passages[i].text,
+                       "title": self.knowledge.passages[i].title, "tags": dict(self.knowledge.passages[i].tags)}
+                      for i, s in ranked]
+        kept = filter_documents(candidates, contraindications)[:top_k]
+        documents = [Retrieved(self.knowledge.passages[f.document["index"]], f.document["score"], list(f.warnings))
+                     for f in kept]
+        return SearchResult(contraindications, documents)
+
+    # -- answer ----------------------------------------------------------------------------------
+    def answer(self, query: str, patient_context: str | None = None, top_k: int = 5,
+               on_text: Callable[[str], None] | None = None,
+               on_found: Callable[[SearchResult], None] | None = None) -> Reply:
+        """Search, then answer from the kept passages (compressed, or their text in mode "text").
+        on_found receives the search result before generation starts (a page shows its warnings
+        first); on_text receives the answer as it is generated, piece by piece."""
+        found = self.search(query, patient_context, top_k)
+        if on_found is not None:
+            on_found(found)
+        stream = _TextStream(self.model.tokenizer, on_text) if on_text is not None else None
+        settings = {"max_new_tokens": self.max_new_tokens, "on_token": stream}
+        with self._lock:
+            if self.mode == "text":
+                context = "\n\n".join(d.passage.text for d in found.documents)
+                text = self.model.generate_from_text_context([query], [context], **settings)[0]
+            else:
+                ids = {pid: i for i, pid in enumerate(self.index.ids)}
+                positions = torch.tensor([[ids[d.passage.id] for d in found.documents]])
+                memory = self.index.memory(positions)  # [1, k, n_mem, E]
+                text = self.model.generate_from_compressed_documents_and_questions([query], memory, **settings)[0]
+        warnings = _unique(found.warnings() + answer_warnings(text, found.contraindications))
+        return Reply(text, warnings, found.contraindications, found.documents, self.mode)
+
+
+class _TextStream:
+    """on_token callback: decodes the tokens so far and hands on the new text (one question)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token.reshape(-1)[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.sent) and len(text) > len(self.sent) and not text.endswith("\ufffd"):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+
+def _check_query(query) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"the question must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError("the question is empty")
+    return query.strip()
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
