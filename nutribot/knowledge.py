@@ -69,7 +69,7 @@ def load_pdfs(folder: str | Path, tokenizer, doc_max_length: int = 256) -> Knowl
     if not documents:
         reasons = "; ".join(skipped) or "no .pdf files found"
         raise ValueError(f"{folder}: no PDF text to answer from ({reasons})")
-    chunks = chunk_all(documents, tokenizer, ChunkConfig(doc_max_length=doc_max_length))
+    chunks = chunk_all(documents, tokenizer, ChunkConfig(doc_max_length=doc_max_length, overlap=doc_max_length // 8))
     passages = tuple(Passage(id=c.id, title=f"{Path(c.source_file).stem}, page {c.page_start}", text=c.text,
                              source=c.source_file, page=c.page_start)
                      for c in chunks)
