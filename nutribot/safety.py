@@ -50,6 +50,8 @@ NEGATION = re.compile(rf"\b(?:{_words(NEGATION_CUES)})\b", re.IGNORECASE)
 NEGATED_AFTER = re.compile(rf"^\W*(?:\w+\W+){{0,4}}?(?:{_words(NEGATION_AFTER)})\b", re.IGNORECASE)
 FAMILY = re.compile(rf"\b(?:{_words(FAMILY_CUES)})\b", re.IGNORECASE)
 FAMILY_HISTORY = re.compile(r"\b(?:family history|family hx|fhx|fh of|runs in the family)\b", re.IGNORECASE)
+NEW_SUBJECT = re.compile(r"\b(?:she|he|they|patient|pt|says|said|reports?|reported|states?|stated|notes?|told)\b",
+                         re.IGNORECASE)
 ALLERGY = re.compile(rf"\b(?:{_words(ALLERGY_CUES)})", re.IGNORECASE)
 
 EGFR = re.compile(r"\be?gfr\b\s*(?:of|is|was|=|:|at|~|<|>)?\s*(\d{1,3}(?:\.\d+)?)", re.IGNORECASE)
@@ -89,7 +91,10 @@ def _counts(text: str, start: int, end: int) -> bool:
     if FAMILY_HISTORY.search(before):
         return False
     for cue in FAMILY.finditer(scope):
-        if len(scope[cue.end():].split()) <= 2:  # "mother has celiac disease", not "daughter says she takes"
+        between = scope[cue.end():]
+        # "mother has celiac disease", "sister is allergic to": the relative's. "Daughter says she
+        # takes warfarin": a new subject, the patient's.
+        if len(between.split()) <= 4 and not NEW_SUBJECT.search(between):
             return False
     return True
 
