@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from clara.recipes.train_config import TrainConfig
 from clara.command import CommandParser
 from clara.config import MAX_COMPRESS_RATE
-from clara.stages import STAGE_NAMES
+from clara.model import DECODER
+from clara.stages import STAGE_NAMES, get_stage
 
 # Learning-rate schedules recipes/schedule.py implements (names as transformers' get_scheduler).
 LR_SCHEDULERS = ("cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup")
@@ -208,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--lora_dropout", type=float, default=0.1, help="Dropout on the LoRA input")
     ours.add_argument("--target_modules", type=str, nargs="+", default=["all-linear"],
                       help="Linear layers that get adapters: all-linear, or names such as q_proj v_proj")
+    ours.add_argument("--freeze_decoder_adapter", action="store_true", default=False,
+                      help="Keep the decoder adapter at its start (no update) where the stage trains it, so "
+                           "only the compressor learns (encoder adapter, memory rows): the decoder cannot learn "
+                           "to answer without reading the memory. The compressor pretraining that opened the "
+                           "own-vs-shuffled gap on CPU (docs/results.md)")
     ours.add_argument("--prompt_texts", type=str, default="official", choices=("official", "plain"),
                       help="Wording of the stage prompts for a fresh model: official (the official release's "
                            "texts, word for word) or plain (this project's earlier wording). A run that starts "
@@ -264,6 +270,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.ds_tensor_parallel_size != 1:
         problems.append(f"--ds_tensor_parallel_size {args.ds_tensor_parallel_size}: tensor parallelism is not "
                         "supported; use 1 and several processes (data parallel / FSDP2) instead")
+    if args.freeze_decoder_adapter and DECODER not in get_stage(args.stage).trained_adapters:
+        problems.append(f"--freeze_decoder_adapter: stage {args.stage} does not train the decoder adapter")
     if args.lora_alpha is not None and not args.lora_alpha > 0:
         problems.append(f"--lora_alpha must be positive, got {args.lora_alpha}")
     if not 0.0 <= args.lora_dropout < 1.0:

@@ -41,7 +41,8 @@ from clara.checkpoint import CheckpointError, find_clara_checkpoint, load_traine
 from clara.config import ClaraConfig
 from clara.files import read_json
 from clara.stages import get_stage
-from clara.model import Clara, LossTerm, combine_loss_terms
+from clara.lora import mark_only_adapters_trainable
+from clara.model import DECODER, Clara, LossTerm, combine_loss_terms
 from clara.prompts import PROMPT_TEXTS
 from clara.recipes import dataset as ds
 from clara.recipes.nll import answer_nll
@@ -171,6 +172,8 @@ def build_model(args: TrainConfig, precision, device) -> Clara:
                              lora_target_modules=lora_targets(args), **run_switches(args))
         model = Clara.from_base(args.pretrain, config, dtype=precision.weight_dtype, device=device,
                                 texts=PROMPT_TEXTS[args.prompt_texts])
+    if args.freeze_decoder_adapter:
+        mark_only_adapters_trainable(model.decoder, tuple(a for a in get_stage(stage).trained_adapters if a != DECODER))
     model.rng.seed(args.seed)
     with torch.no_grad():
         for _, p in model.trainable_named_parameters():

@@ -24,6 +24,7 @@ class TrainConfig:
     doc_max_length: int
     compress_rate: int
     qa_loss: bool
+    freeze_decoder_adapter: bool
     mse_loss: bool
     do_eval_gen: bool
     # LoRA

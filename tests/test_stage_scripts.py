@@ -94,3 +94,28 @@ def test_restate_adds_one_row_per_distinct_document(tmp_path):
     write_stage_file(source, rows, "stage1")
     assert restate_main([str(source), "--out", str(tmp_path / "out.jsonl"), "--seed", "1"]) == 0
     assert read_stage_file(tmp_path / "out.jsonl", "stage1") == mixed
+
+
+def test_freeze_decoder_adapter_trains_only_the_compressor(tiny_base_dir, stage_files, tmp_path):
+    from safetensors.torch import load_file
+
+    config = tmp_path / "stage1.toml"
+    config.write_text(toml({**tiny_config(tiny_base_dir, stage_files, "stage1", tmp_path / "run"),
+                            "freeze_decoder_adapter": True}))
+    assert stage1.main([str(config)]) == 0
+    weights = load_file(str(tmp_path / "run" / "final" / "adapters.safetensors"))
+    decoder_b = [t for name, t in weights.items() if "decoder_adapter" in name and "lora_B" in name]
+    encoder_b = [t for name, t in weights.items() if "encoder_adapter" in name and "lora_B" in name]
+    assert decoder_b and all(not t.any() for t in decoder_b)  # B starts at zero and never moved
+    assert encoder_b and any(t.any() for t in encoder_b)
+
+
+def test_freeze_decoder_adapter_is_refused_where_the_stage_does_not_train_it(tiny_base_dir, stage_files, tmp_path,
+                                                                            capsys):
+    config = tmp_path / "retrieval.toml"
+    config.write_text(toml({**tiny_config(tiny_base_dir, stage_files, "stage2_pretrain_retrieval", tmp_path / "r"),
+                            "freeze_decoder_adapter": True}))
+    with pytest.raises(SystemExit) as stopped:
+        stage2_retrieval.main([str(config)])
+    assert stopped.value.code == 2
+    assert "does not train the decoder adapter" in capsys.readouterr().err
