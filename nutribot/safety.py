@@ -19,8 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from nutribot.safety_rules import (ALLERGY_CUES, FAMILY_CUES, NEGATION_AFTER, NEGATION_CUES, RULES_BY_KEY,
-                                   RULES, Rule)
+from nutribot.safety_rules import ALLERGY_CUES, FAMILY_CUES, NEGATION_AFTER, NEGATION_CUES, RULES, RULES_BY_KEY, Rule
 
 
 @dataclass(frozen=True)
@@ -118,6 +117,14 @@ def _mentions(text: str) -> list[_Mention]:
             found.append(_Mention(m.start(), m.end(), "diabetes", f"HbA1c {m.group(1)}%"))
     # Earliest first; at one position the longest span (with its stage or number) wins.
     return sorted(found, key=lambda x: (x.start, -(x.end - x.start)))
+
+
+_RULES_BY_NAME = {rule.name: rule for rule in RULES}
+
+
+def rule_of(c: Contraindication) -> Rule | None:
+    """The rule that produced `c` (its name without the stage or number), None for a foreign one."""
+    return _RULES_BY_NAME.get(c.name.split(" (")[0])
 
 
 def _contraindication(rule: Rule, evidence: str, detail: str) -> Contraindication:

@@ -4,10 +4,10 @@ contraindication and item, the order of documents, over the whole knowledge base
 from __future__ import annotations
 
 import pytest
-
 from clara.data.knowledge_base import load_knowledge_base
+
 from nutribot.filters import answer_warnings, filter_documents, restricted_mentions, warning_text
-from nutribot.safety import extract_contraindications
+from nutribot.safety import Contraindication, extract_contraindications
 from nutribot.safety_rules import RULES
 
 # One context per rule of the table, so every rule's restrictions meet every document.
@@ -21,7 +21,8 @@ CONTEXT_OF_RULE = {
     "kidney_stones": "kidney stones", "hemochromatosis": "hemochromatosis", "peanut_allergy": "peanut allergy",
     "tree_nut_allergy": "tree nut allergy", "shellfish_allergy": "shellfish allergy", "fish_allergy": "fish allergy",
     "egg_allergy": "egg allergy", "milk_allergy": "milk allergy", "soy_allergy": "soy allergy",
-    "wheat_allergy": "wheat allergy", "sesame_allergy": "sesame allergy",
+    "wheat_allergy": "wheat allergy", "sesame_allergy": "sesame allergy", "gerd": "GERD",
+    "ibd": "Crohn's disease",
 }
 
 
@@ -30,6 +31,12 @@ def kb_documents() -> list[dict]:
              "tags": {f: list(d.tags.terms(f)) for f in ("encourages", "restricts", "conditions", "medications",
                                                           "allergens")}}
             for d in load_knowledge_base()]
+
+
+def tagged_as(tag: str, item: str) -> bool:
+    """The KB tag names the item, itself or as one of its foods ("spinach" for vitamin k); a tag that
+    only contains the word ("low-mercury fish", "lactose-free dairy") is another food."""
+    return any(word == tag for _, word in restricted_mentions(tag, [Contraindication("x", "x", (item,), "x.")]))
 
 
 def test_every_rule_has_a_context():
@@ -61,7 +68,14 @@ def test_whole_knowledge_base_every_mention_warned_and_encouraging_documents_las
         text = f"{f.document['title']}\n{f.document['text']}"
         for c, word in restricted_mentions(text, contraindications):
             assert any(c.name in w and word in w for w in f.warnings), (f.document["id"], word)
-        if not restricted_mentions(text, contraindications):
+        for c in contraindications:
+            encouraged = [i for i in c.restricts if any(tagged_as(t, i) for t in f.document["tags"]["encourages"])]
+            assert f.encourages_restricted >= bool(encouraged), (f.document["id"], encouraged)
+            for item in encouraged:
+                assert any(c.name in w and item in w for w in f.warnings), (f.document["id"], item)
+        tagged = any(tagged_as(t, i) for c in contraindications for i in c.restricts
+                     for t in f.document["tags"]["encourages"] + f.document["tags"]["restricts"])
+        if not restricted_mentions(text, contraindications) and not tagged:
             assert f.warnings == [] and not f.encourages_restricted and not f.about_restriction
     flags = [f.encourages_restricted for f in kept]
     assert flags == sorted(flags)  # every encouraging document after every other
@@ -100,3 +114,51 @@ def test_answer_warnings_cover_every_restricted_item_named():
                         "warfarin: mentions spinach (vitamin k)",
                         "peanut allergy: mentions peanut butter (peanut)"]
     assert answer_warnings("Drink water.", contraindications) == []
+
+
+def test_about_the_restriction_means_this_patients_condition_and_item():
+    salt_for_blood_pressure = {"text": "Cut back on salty snacks.", "title": "Salt",
+                               "tags": {"encourages": [], "restricts": ["sodium"], "conditions": ["hypertension"],
+                                        "medications": [], "allergens": []}}
+    ckd_by_text = {"text": "With chronic kidney disease, limit bananas and potatoes."}
+    plain = {"text": "Lunch ideas: baked potatoes."}
+    ckd = extract_contraindications("CKD stage 3")
+    kept = filter_documents([plain, salt_for_blood_pressure, ckd_by_text], ckd)
+    assert [f.document for f in kept] == [ckd_by_text, plain, salt_for_blood_pressure]
+    assert [f.about_restriction for f in kept] == [True, False, False]
+    by_doc = {id(f.document): f for f in kept}
+    assert not by_doc[id(salt_for_blood_pressure)].about_restriction  # sodium, but tagged for another condition
+    assert by_doc[id(salt_for_blood_pressure)].warnings == [
+        "chronic kidney disease (stage 3): mentions salt, salty (sodium)"]
+    assert by_doc[id(plain)].warnings == ["chronic kidney disease (stage 3): mentions potatoes (potassium)"]
+    hypertension = extract_contraindications("HTN")
+    assert filter_documents([plain, salt_for_blood_pressure], hypertension)[0].about_restriction
+
+
+def test_a_tag_alone_earns_a_warning_and_demote_false_keeps_the_given_order():
+    warfarin = extract_contraindications("on Jantoven")
+    greens = {"text": "Recipes for the week.", "tags": {"encourages": ["leafy green", "vitamin k"], "restricts": []}}
+    oats = {"text": "Oats for breakfast.", "tags": {"encourages": ["oat"], "restricts": []}}
+    demoted = filter_documents([greens, oats], warfarin)
+    assert [f.document for f in demoted] == [oats, greens]
+    assert demoted[1].encourages_restricted and demoted[1].warnings == ["warfarin: mentions vitamin k"]
+    kept = filter_documents([greens, oats], warfarin, demote=False)
+    assert [f.document for f in kept] == [greens, oats] and kept[0].encourages_restricted
+    assert filter_documents([], warfarin) == [] and filter_documents([oats], [])[0].warnings == []
+
+
+def test_answer_warnings_over_several_sentences_and_contraindications():
+    contraindications = extract_contraindications("ESRD on dialysis. Takes Nardil and Synthroid. Gout.")
+    answer = ("Bananas and orange juice are rich in potassium. Aged cheese and soy sauce go well together!\n"
+              "Take calcium supplements with breakfast? Organ meats are nutritious; so is a cold lager.")
+    assert answer_warnings(answer, contraindications) == [
+        "chronic kidney disease: mentions bananas, orange juice, potassium (potassium)",
+        "chronic kidney disease: mentions soy sauce (sodium)",
+        "MAO inhibitor: mentions aged cheese, soy sauce (tyramine)",
+        "levothyroxine: mentions soy",
+        "levothyroxine: mentions calcium supplements (calcium)",
+        "gout: mentions organ meats (purine)",
+        "gout: mentions lager (beer)",
+    ]
+    for c, word in restricted_mentions(answer, contraindications):
+        assert any(c.name in w and word in w for w in answer_warnings(answer, contraindications))

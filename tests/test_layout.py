@@ -344,7 +344,8 @@ SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
 
 
 def test_the_console_scripts_are_the_documented_set():
-    assert set(SCRIPTS) == {"clara-generate", "clara-train", "clara-eval", "clara-data", "clara-plan", "clara-import"}
+    assert set(SCRIPTS) == {"clara-generate", "clara-train", "clara-eval", "clara-data", "clara-plan", "clara-import",
+                            "nutribot"}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
