@@ -17,28 +17,16 @@ import argparse
 from dataclasses import replace
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from clara.data.formats import read_stage_file
 from clara.stages import get_stage
 from clara.recipes.distributed import DistInfo
 from clara.recipes.loop import build_model, make_optimizer, train_step
-from clara.recipes.planner import estimate_peak_memory, load_model_config, plan_kwargs_from_train_args
+from clara.recipes.planner import (estimate_peak_memory, load_model_config, plan_kwargs_from_train_args,
+                                   profiled_peak_bytes)
 from clara.recipes.precision import choose_precision
 from clara.recipes.stage_config import load_stage_config
 
 GiB = 1024 ** 3
-
-
-def profiled_peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    running = peak = 0
-    for _, n in events:
-        running += n
-        peak = max(peak, running)
-    return peak
 
 
 def main() -> None:

@@ -39,6 +39,22 @@ __all__ = ["GiB", "MemoryPlan", "PassPlan", "adapter_parameter_count", "adapters
            "plan_from_args", "build_parser", "main"]
 
 
+def profiled_peak_bytes(fn) -> int:
+    """Peak of CPU tensor memory allocated by fn() above what was live before it: the running sum
+    of torch.profiler's allocation and free events, in time order (what the planner is checked
+    against)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, n in events:
+        running += n
+        peak = max(peak, running)
+    return peak
+
+
 def plan_kwargs_from_train_args(args: Any, *, weight_dtype: str | torch.dtype, compute_dtype: str | torch.dtype,
                                 device: str = "cuda") -> dict[str, Any]:
     """estimate_peak_memory's keyword arguments (all but the config) for train_sft's settings: any

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from clara.config import DecoderConfig
 from clara.decoder import Decoder
@@ -35,6 +34,7 @@ from clara.recipes.planner import (
     largest_micro_batch,
     load_model_config,
     main,
+    profiled_peak_bytes,
     plan_from_args,
     plan_kwargs_from_train_args,
     preset_config,
@@ -94,20 +94,7 @@ def test_adapter_counts_come_from_the_stage_table():
 # ------------------------------------------------------------------------------------------------
 # Measured against estimated
 # ------------------------------------------------------------------------------------------------
-def measured_peak_bytes(fn) -> int:
-    """Peak of CPU tensor memory allocated by fn() above what was live before it.
-
-    The profiler reports every CPU allocation and free (with its size) when profile_memory=True;
-    their running sum in time order is the memory held by tensors, and its maximum is the peak.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    running = peak = 0
-    for _, n in events:
-        running += n
-        peak = max(peak, running)
-    return peak
+measured_peak_bytes = profiled_peak_bytes
 
 
 def test_measured_peak_helper_sees_allocations_and_frees():
