@@ -94,7 +94,9 @@ def _warnings(mentions: list[tuple[Contraindication, str]]) -> list[str]:
     for c, word in mentions:
         key = (id(c), restricted_item_of(c, word))
         grouped.setdefault(key, (c, []))[1].append(word)
-    return list(dict.fromkeys(warning_text(c, *words) for c, words in grouped.values()))
+    # A word can name two of a contraindication's items ("salt substitute" is its own item and a
+    # potassium food): it is listed once.
+    return list(dict.fromkeys(warning_text(c, *dict.fromkeys(words)) for c, words in grouped.values()))
 
 
 @dataclass

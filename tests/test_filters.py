@@ -162,3 +162,9 @@ def test_answer_warnings_over_several_sentences_and_contraindications():
     ]
     for c, word in restricted_mentions(answer, contraindications):
         assert any(c.name in w and word in w for w in answer_warnings(answer, contraindications))
+
+
+def test_a_word_naming_two_items_of_one_contraindication_is_listed_once():
+    (c,) = extract_contraindications("on spironolactone")
+    warnings = answer_warnings("Use a salt substitute sparingly; potassium matters.", [c])
+    assert len(warnings) == 1 and warnings[0].count("salt substitute") == 1
