@@ -45,12 +45,8 @@ def _intake_synonyms() -> dict[str, tuple[str, ...]]:
 @functools.cache
 def item_terms(item: str) -> tuple[str, ...]:
     """Every word that names `item`: itself, its vocabulary synonyms, its everyday foods; longest first."""
-    words = {item, *_vocabulary_synonyms(item), *FOODS.get(item, ())}
+    words = {item, *_intake_synonyms().get(item, ()), *FOODS.get(item, ())}
     return tuple(sorted({w.lower() for w in words}, key=len, reverse=True))
-
-
-def _vocabulary_synonyms(item: str) -> tuple[str, ...]:
-    return _intake_synonyms().get(item, ())
 
 
 @functools.cache

@@ -53,6 +53,7 @@ def default_cache_dir() -> Path:
 @dataclass
 class Retrieved:
     passage: Passage
+    position: int  # the passage's place in the knowledge, which is its row in the MemoryIndex
     score: float
     warnings: list[str] = field(default_factory=list)
 
@@ -200,8 +201,8 @@ class ClaraRetriever:
                        "title": self.knowledge.passages[i].title, "tags": dict(self.knowledge.passages[i].tags)}
                       for i, s in ranked]
         kept = filter_documents(candidates, contraindications)[:top_k]
-        documents = [Retrieved(self.knowledge.passages[f.document["index"]], f.document["score"], list(f.warnings))
-                     for f in kept]
+        documents = [Retrieved(self.knowledge.passages[f.document["index"]], f.document["index"], f.document["score"],
+                               list(f.warnings)) for f in kept]
         return SearchResult(contraindications, documents)
 
     # -- answer ----------------------------------------------------------------------------------
@@ -221,8 +222,7 @@ class ClaraRetriever:
                 context = "\n\n".join(d.passage.text for d in found.documents)
                 text = self.model.generate_from_text_context([query], [context], **settings)[0]
             else:
-                ids = {pid: i for i, pid in enumerate(self.index.ids)}
-                positions = torch.tensor([[ids[d.passage.id] for d in found.documents]])
+                positions = torch.tensor([[d.position for d in found.documents]])
                 memory = self.index.memory(positions)  # [1, k, n_mem, E]
                 text = self.model.generate_from_compressed_documents_and_questions([query], memory, **settings)[0]
         warnings = _unique(found.warnings() + answer_warnings(text, found.contraindications))

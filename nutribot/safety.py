@@ -138,17 +138,13 @@ def extract_contraindications(patient_context: str | None) -> list[Contraindicat
         return []
     if not isinstance(patient_context, str):
         raise TypeError(f"the patient context must be a string, got {type(patient_context).__name__}")
-    chosen: dict[str, tuple[_Mention, str]] = {}
-    for mention in _mentions(patient_context):
-        if mention.key in chosen or not _counts(patient_context, mention.start, mention.end):
-            continue
-        chosen[mention.key] = (mention, patient_context[mention.start:mention.end])
-    # A stage or number given anywhere names the condition ("CKD ... eGFR 22" -> the eGFR).
-    out = []
-    for key, (mention, evidence) in sorted(chosen.items(), key=lambda kv: kv[1][0].start):
-        detail = mention.detail
-        if not detail and key in ("ckd", "diabetes"):
-            detail = next((m.detail for m in _mentions(patient_context) if m.key == key and m.detail
-                           and _counts(patient_context, m.start, m.end)), "")
-        out.append(_contraindication(RULES_BY_KEY[key], evidence, detail))
-    return out
+    counted = [m for m in _mentions(patient_context) if _counts(patient_context, m.start, m.end)]
+    first: dict[str, _Mention] = {}  # in order of first mention: the mentions are sorted by position
+    details: dict[str, str] = {}
+    for m in counted:
+        first.setdefault(m.key, m)
+        if m.detail:
+            # A stage or number given anywhere names the condition ("CKD ... eGFR 22" -> the eGFR).
+            details.setdefault(m.key, m.detail)
+    return [_contraindication(RULES_BY_KEY[key], patient_context[m.start:m.end], m.detail or details.get(key, ""))
+            for key, m in first.items()]
