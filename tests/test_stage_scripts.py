@@ -53,6 +53,17 @@ def test_a_config_maps_to_the_same_flags_as_the_command_line(tmp_path):
                      "--learning_rate", "0.0002"]
 
 
+def test_a_switch_the_config_sets_is_turned_off_by_a_no_override(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('pretrain = "m"\ndataset = "d"\nbf16 = true\nmse_loss = true\nfreeze_decoder_adapter = true\n')
+    assert load_stage_config("stage1", [str(path)]).bf16 is True
+    config = load_stage_config("stage1", [str(path), "--no_bf16", "--no_freeze_decoder_adapter"])
+    assert (config.bf16, config.freeze_decoder_adapter, config.mse_loss) == (False, False, True)
+    assert load_stage_config("stage1", [str(path), "--no_qa_loss"]).qa_loss is False
+    with pytest.raises(ValueError, match=r"--no_learning_rate: 'learning_rate' is not a clara-train switch"):
+        load_stage_config("stage1", [str(path), "--no_learning_rate"])
+
+
 @pytest.mark.parametrize("content, message", [
     ('pretrain = "m"\ndataset = "d"\nstage = "stage2"\n', r"field 'stage' is 'stage2', but this script trains stage1"),
     ('pretrain = "m"\ndataset = "d"\nlearning_rat = 1e-4\n', r"field 'learning_rat' is not a clara-train flag"),
