@@ -35,6 +35,7 @@ from clara.decoder import Decoder
 from clara.generate import generate
 from clara.lora import (add_adapter, apply_lora, copy_adapter, lora_layers, mark_only_adapters_trainable,
                         trainable_parameters, use_adapter)
+from clara.memory_cache import DocumentMemoryCache, document_key, select_rows
 from clara.prompts import (DEFAULT_TEXTS, IGNORE_INDEX, DecoderBatch, EncodedPrompt, EncoderBatch, PromptTexts,
                            collate_prompts, encoder_inputs, instruction_prompt, prompt_for_example,
                            special_token_ids, stage1_paraphrase_prompt)
@@ -149,6 +150,8 @@ class Clara(nn.Module):
         slot[memory_ids] = torch.arange(len(memory_ids), device=rows.device)
         self.register_buffer("memory_slot", slot, persistent=False)  # token id -> row, -1 if not a memory token
         self.rng = random.Random(0)  # paraphrase instruction draws; reseed for reproducible runs
+        # Set by a training run whose compressor is frozen (clara.memory_cache); None: no cache.
+        self.memory_cache: DocumentMemoryCache | None = None
         self.configure_training(config.training_stage)
 
     # -----------------------------------------------------------------------------------------
@@ -201,6 +204,7 @@ class Clara(nn.Module):
         """
         self.config.training_stage = stage
         self.config.__post_init__()  # validates the stage name
+        self.memory_cache = None  # the memories it holds may belong to a compressor about to train
         present = self.adapter_names
         for name in get_stage(stage).adapters:
             if name in present:
@@ -340,11 +344,35 @@ class Clara(nn.Module):
         return terms, {"lm_loss": (loss_sum / max(n_tokens, 1)).detach(), "lm_loss_sum": loss_sum,
                        "n_tokens": n_tokens, "mse_loss": compressed.mse_loss}
 
+    @torch.no_grad()
+    def frozen_document_memory(self, documents: EncoderBatch) -> torch.Tensor:
+        """The frozen compressor's memories [N, n_mem, E]: without grad and without dropout, so a
+        training step sees the memories compress_documents (and a prebuilt MemoryIndex) give.
+        With a memory_cache, each distinct document is compressed once."""
+        cache = self.memory_cache
+        keys = [document_key(ids, mask) for ids, mask in zip(documents.input_ids, documents.attention_mask)]
+        found = {k: cache.get(k) for k in keys} if cache is not None else {}
+        missing = list({k: i for i, k in enumerate(keys) if found.get(k) is None}.values())
+        if missing:
+            was_training = self.training
+            self.eval()
+            try:
+                fresh = self.compress_batch(select_rows(documents, missing)).memory
+            finally:
+                self.train(was_training)
+            for i, memory in zip(missing, fresh):
+                found[keys[i]] = memory
+                if cache is not None:
+                    cache.put(keys[i], memory)
+        if cache is not None:
+            cache.misses += len(missing)
+            cache.hits += len(keys) - len(missing)
+        return torch.stack([found[k] for k in keys])
+
     def _retrieve(self, batch: ClaraBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cosine scores [B, N], candidate memory [B, N, n_mem, E]); the compressor without grad."""
+        """(cosine scores [B, N], candidate memory [B, N, n_mem, E]); the compressor frozen."""
         query = self.encode_queries(batch.query)  # [B, D]
-        with torch.no_grad():
-            memory = self.compress_batch(batch.documents).memory
+        memory = self.frozen_document_memory(batch.documents)
         memory = memory.view(batch.batch_size, batch.n_docs, *memory.shape[1:])
         return cosine_scores(query, flatten_memory(memory)), memory
 

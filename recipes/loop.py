@@ -42,6 +42,7 @@ from clara.config import ClaraConfig
 from clara.files import read_json
 from clara.stages import get_stage
 from clara.lora import mark_only_adapters_trainable
+from clara.memory_cache import DocumentMemoryCache
 from clara.model import DECODER, Clara, LossTerm, combine_loss_terms
 from clara.prompts import PROMPT_TEXTS
 from clara.recipes import dataset as ds
@@ -338,6 +339,10 @@ def train(args: TrainConfig) -> TrainResult:
     if args.flash_attn:
         log.info(flash_attention_note(device, precision.autocast_dtype))
     model = build_model(args, precision, device)
+    if not get_stage(args.stage).compressor_trained:
+        model.memory_cache = DocumentMemoryCache()
+        log.info("%s keeps the compressor frozen: each distinct document is compressed once (without "
+                 "dropout) and its memory reused for the rest of the run", args.stage)
     n_trainable = sum(p.numel() for _, p in model.trainable_named_parameters())
     log.info("stage %s: %d trainable parameters (%s)", args.stage, n_trainable,
              ", ".join(sorted({n.split(".adapters.")[-1].split(".")[0] if ".adapters." in n else n
@@ -444,6 +449,9 @@ def train(args: TrainConfig) -> TrainResult:
             shutdown(dist)
             return result
     bar.close()
+    if model.memory_cache is not None:
+        cache = model.memory_cache
+        log.info("document memories: %d compressed, %d reused from the cache", cache.misses, cache.hits)
 
     final = save_path / "final"
     with full_parameters(model):

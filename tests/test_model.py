@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from clara.compressor import alignment_loss
 from clara.config import ClaraConfig
 from clara.lora import lora_layers, use_adapter
+from clara.memory_cache import DocumentMemoryCache
 from clara.model import DECODER, ENCODER, QUERY, Clara
 from clara.prompts import IGNORE_INDEX, encoder_inputs, prompt_for_example
 from clara.retrieval import cosine_scores, flatten_memory, select_documents
@@ -320,6 +321,42 @@ def test_stage2_gradient_reaches_the_query_reasoner_through_the_scores():
     hard = memory[torch.arange(2)[:, None], idx]
     hard_loss = model.lm_loss(batch.decoder, model.prompt_embeddings(batch.decoder, hard))[0]
     assert all(g is None for g in torch.autograd.grad(hard_loss, query_params, allow_unused=True))
+
+
+def test_a_frozen_compressor_gives_the_eval_mode_memories_and_the_cache_compresses_each_document_once():
+    model = tiny_clara("stage2", lora_dropout=0.5)
+    randomize(model, seed=6, memory=True)
+    batch = model.collate(EXAMPLES["stage2"])  # 2 questions x 3 candidates: the same 3 documents
+    with torch.no_grad():
+        expected = model.compress_batch(batch.documents).memory  # eval mode: no dropout
+    model.train()
+    with torch.no_grad():
+        dropped = model.compress_batch(batch.documents).memory
+    assert not torch.equal(dropped, expected)  # dropout 0.5 in training mode changes the memories
+    assert torch.equal(model.frozen_document_memory(batch.documents), expected) and model.training
+
+    model.memory_cache = DocumentMemoryCache()
+    first = model.frozen_document_memory(batch.documents)
+    assert (model.memory_cache.misses, model.memory_cache.hits, len(model.memory_cache)) == (3, 3, 3)
+    again = model.frozen_document_memory(batch.documents)
+    assert (model.memory_cache.misses, model.memory_cache.hits) == (3, 9)
+    assert torch.allclose(first, expected, atol=1e-6) and torch.equal(again, first)
+    loss, _ = model(batch)
+    assert loss.requires_grad and model.memory_cache.misses == 3
+
+    model.configure_training("stage1")  # the compressor trains again: its old memories are void
+    assert model.memory_cache is None
+
+
+def test_the_document_memory_cache_keeps_the_most_recently_used():
+    cache = DocumentMemoryCache(max_documents=2)
+    for key in (b"a", b"b"):
+        cache.put(key, torch.zeros(1))
+    assert cache.get(b"a") is not None  # a is now the most recent
+    cache.put(b"c", torch.ones(1))
+    assert len(cache) == 2 and cache.get(b"b") is None and cache.get(b"a") is not None
+    with pytest.raises(ValueError, match="max_documents must be at least 1"):
+        DocumentMemoryCache(max_documents=0)
 
 
 def test_stage2_gradients_are_the_same_with_activation_checkpointing():
