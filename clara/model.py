@@ -420,7 +420,7 @@ class Clara(nn.Module):
             for start in range(0, len(documents), batch_size):
                 batch = _move(encoder_inputs(self.tokenizer, self.config, documents[start:start + batch_size]),
                               self.device)
-                parts.append(self.compress_batch(batch).memory)
+                parts.append(self.frozen_document_memory(batch))  # from the memory_cache where one is set
             return torch.cat(parts)
         finally:
             self.train(was_training)

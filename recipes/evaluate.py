@@ -48,6 +48,7 @@ from tqdm import tqdm
 from clara.command import CommandParser, command_main, fail, parse_device
 from clara.checkpoint import find_clara_checkpoint
 from clara.config import ClaraConfig
+from clara.memory_cache import DocumentMemoryCache
 from clara.model import Clara
 from clara.stages import EVAL_STAGES, QUERY, get_stage
 from clara.weights import DTYPES
@@ -366,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if get_stage(args.stage).retrieves and QUERY not in model.adapter_names:
         return fail("clara-eval", f"--model {args.model} has no query reasoner (a {model.config.training_stage} "
                     "checkpoint); evaluate it on stage1_2 files, or train stage2 first")
+    # Nothing trains here: each distinct document is compressed once (stage2 rows share candidates).
+    model.memory_cache = DocumentMemoryCache()
     started = time.perf_counter()
     if args.nll:
         evaluation = evaluate_nll(model, examples, options)
