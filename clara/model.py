@@ -508,15 +508,20 @@ class Clara(nn.Module):
     def retrieve(self, questions: Sequence[str], candidate_memory: torch.Tensor, k: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k of each question's candidates [B, N, n_mem, E] -> (selected [B, k, n_mem, E], idx [B, k])."""
+        query = self.query_vectors(questions)
+        scores = cosine_scores(query, flatten_memory(candidate_memory))
+        return select_documents(scores, candidate_memory, k, self.config.retrieval_temperature)
+
+    @torch.no_grad()
+    def query_vectors(self, questions: Sequence[str]) -> torch.Tensor:
+        """The query reasoner's vectors [B, n_mem * E] of questions, as MemoryIndex.search takes them."""
         if QUERY not in self.adapter_names:
             raise ValueError("this model has no query_reasoner_adapter (train stage2, or load a stage2 checkpoint)")
         was_training = self.training
         self.eval()
         try:
-            query = self.encode_queries(_move(encoder_inputs(self.tokenizer, self.config, list(questions)),
-                                              self.device))
-            scores = cosine_scores(query, flatten_memory(candidate_memory))
-            return select_documents(scores, candidate_memory, k, self.config.retrieval_temperature)
+            return self.encode_queries(_move(encoder_inputs(self.tokenizer, self.config, list(questions)),
+                                             self.device))
         finally:
             self.train(was_training)
 

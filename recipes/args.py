@@ -76,10 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     clara.add_argument("--no_qa_loss", dest="qa_loss", action="store_false",
                        help="stage1: skip the QA rows and train on paraphrase rows only")
     clara.add_argument("--stage2_mips", action="store_true", default=False,
-                       help=f"{IGNORED}: the official stage2 asks a retrieval server it does not ship for "
-                            "candidates; here they come from the stage2 rows")
+                       help="stage2 stages: each question's candidates are the query reasoner's top "
+                            "--stage2_retrieval_top_n over every distinct document of the file (a MemoryIndex "
+                            "search in process, where the official code asks a retrieval server it does not "
+                            "ship); without it they are the row's own docs")
     clara.add_argument("--stage2_retrieval_top_n", type=int, default=1,
-                       help=f"{IGNORED}: the size of the official retrieval server's answer (see --stage2_mips)")
+                       help="With --stage2_mips: candidates per question, at least --generation_top_k "
+                            "(2 or more for stage2_pretrain_retrieval)")
     clara.add_argument("--mse_loss", action="store_true", default=False,
                        help="Add the compressor's MSE alignment loss (mean memory state vs. mean document "
                             "state), weighted 0.1")
@@ -253,6 +256,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
         hint = f"{lower} or {lower + args.compress_rate}" if lower else f"{lower + args.compress_rate}"
         problems.append(f"--doc_max_length {args.doc_max_length} is not a multiple of --compress_rate "
                         f"{args.compress_rate} (try --doc_max_length {hint})")
+    if args.stage2_mips:
+        if args.stage not in ("stage2", "stage2_pretrain_retrieval"):
+            problems.append(f"--stage2_mips searches candidates for the stage2 stages, not --stage {args.stage}")
+        least = max(args.generation_top_k, 2 if args.stage == "stage2_pretrain_retrieval" else 1)
+        if args.stage2_retrieval_top_n < least:
+            problems.append(f"--stage2_retrieval_top_n {args.stage2_retrieval_top_n} is below {least} "
+                            f"(--generation_top_k {args.generation_top_k}); give it the candidates per question")
     if not args.learning_rate > 0:
         problems.append(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.lr_warmup_ratio <= 1.0:

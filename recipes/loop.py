@@ -46,6 +46,7 @@ from clara.memory_cache import DocumentMemoryCache
 from clara.model import DECODER, Clara, LossTerm, combine_loss_terms
 from clara.prompts import PROMPT_TEXTS
 from clara.recipes import dataset as ds
+from clara.recipes.mips import CorpusSearch
 from clara.recipes.nll import answer_nll
 from clara.recipes.distributed import (DistInfo, FullStateOptimizer, all_reduce_sum, barrier, full_parameters, gather_objects,
                                  init_distributed, is_sharded, shutdown, wrap_model)
@@ -343,6 +344,13 @@ def train(args: TrainConfig) -> TrainResult:
         model.memory_cache = DocumentMemoryCache()
         log.info("%s keeps the compressor frozen: each distinct document is compressed once (without "
                  "dropout) and its memory reused for the rest of the run", args.stage)
+    corpus_search = None
+    if args.stage2_mips:
+        if dist.world_size > 1 and args.zero_stage >= 2:
+            raise ValueError("--stage2_mips searches with the whole model on each process: use --zero_stage 0 or 1")
+        corpus_search = CorpusSearch(model, examples, args.stage2_retrieval_top_n)
+        log.info("--stage2_mips: %d distinct documents in the search index; each question's %d candidates "
+                 "come from it", len(corpus_search.corpus), args.stage2_retrieval_top_n)
     n_trainable = sum(p.numel() for _, p in model.trainable_named_parameters())
     log.info("stage %s: %d trainable parameters (%s)", args.stage, n_trainable,
              ", ".join(sorted({n.split(".adapters.")[-1].split(".")[0] if ".adapters." in n else n
@@ -397,8 +405,10 @@ def train(args: TrainConfig) -> TrainResult:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 started = time.perf_counter()
-                batches = [model.collate([examples[i] for i in chunk], max_len=args.max_len)
-                           for chunk in ds.micro_batches(mine, args.micro_train_batch_size)]
+                rows = [[examples[i] for i in chunk] for chunk in ds.micro_batches(mine, args.micro_train_batch_size)]
+                if corpus_search is not None:
+                    rows = [corpus_search.candidates(model, chunk) for chunk in rows]
+                batches = [model.collate(chunk, max_len=args.max_len) for chunk in rows]
                 loss, lm, mse, grad_norm, tokens = train_step(module, model, batches, optimizer, scaler, precision,
                                                                device, dist, args.max_norm)
                 seconds = time.perf_counter() - started

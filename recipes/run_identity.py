@@ -36,6 +36,8 @@ def run_identity(args, examples: Sequence[Any], base_fingerprint: str | None = N
         "dataset": dataset_fingerprint(examples),
         "shapes": {name: getattr(args, name) for name in SHAPE_FLAGS},
     }
+    if getattr(args, "stage2_mips", False):  # only then: runs recorded before the flag stay resumable
+        identity["shapes"]["stage2_retrieval_top_n"] = args.stage2_retrieval_top_n
     if base_fingerprint is not None:
         identity["base"] = base_fingerprint
     return identity
@@ -53,7 +55,8 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], where:
             what = {"base": "base model fingerprint", "dataset": "dataset fingerprint"}.get(key, key)
             differences.append(f"{what} {saved.get(key)!r} there, {current[key]!r} here")
     saved_shapes = saved.get("shapes", {})
-    for name, value in current["shapes"].items():
+    for name in dict.fromkeys([*current["shapes"], *saved_shapes]):
+        value = current["shapes"].get(name)
         # JSON keeps lists where the flags hold lists; compare through JSON on both sides.
         if json.loads(json.dumps(saved_shapes.get(name))) != json.loads(json.dumps(value)):
             differences.append(f"--{name} {saved_shapes.get(name)!r} there, {value!r} here")

@@ -27,6 +27,8 @@ class TrainConfig:
     freeze_decoder_adapter: bool
     mse_loss: bool
     do_eval_gen: bool
+    stage2_mips: bool
+    stage2_retrieval_top_n: int
     # LoRA
     lora_rank: int
     lora_alpha: float | None
