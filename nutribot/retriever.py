@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from clara import Clara, MemoryIndex
 from clara.data.bm25 import BM25Index, top_indices
 from clara.lora import copy_adapter, lora_layers
-from clara.model import ENCODER, QUERY, _move
-from clara.prompts import encoder_inputs
+from clara.model import ENCODER, QUERY
 from nutribot.filters import answer_warnings, filter_documents
 from nutribot.knowledge import Knowledge, Passage, load_knowledge
 from nutribot.safety import Contraindication, extract_contraindications
@@ -183,9 +182,8 @@ class ClaraRetriever:
         if self.mode == "text":
             scores = self.bm25.scores(query)
             return [(i, float(scores[i])) for i in top_indices(scores, n)]
-        with self._lock, torch.no_grad():
-            batch = _move(encoder_inputs(self.model.tokenizer, self.model.config, [query]), self.model.device)
-            query_memory = self.model.encode_queries(batch)
+        with self._lock:
+            query_memory = self.model.query_vectors([query])
         scores, indices = self.index.search(query_memory, n)
         return [(int(i), float(s)) for s, i in zip(scores[0].tolist(), indices[0].tolist())]
 
