@@ -12,7 +12,7 @@ from clara.data.formats import Stage1Example, read_stage_file, write_stage_file
 from clara.data.restate import main as restate_main
 from clara.data.restate import with_restated_documents
 from clara.recipes import stage1, stage1_2, stage2, stage2_retrieval
-from clara.recipes.stage_config import CONFIG_DIR, config_flags, load_stage_config
+from clara.recipes.stage_config import CONFIG_DIR, config_flags, load_stage_config, read_config
 
 SCRIPTS = {"stage1": stage1, "stage1_2": stage1_2, "stage2": stage2, "stage2_pretrain_retrieval": stage2_retrieval}
 
@@ -81,13 +81,20 @@ def test_bad_configs_are_refused_naming_the_file_and_field(tmp_path, content, me
 def test_every_shipped_config_parses_as_its_stage():
     shipped = sorted(CONFIG_DIR.glob("*/*.toml"))
     assert {p.parent.name for p in shipped} == {"smollm2-cpu", "phi2-t4", "mistral7b-h100"}
-    assert len(shipped) == 12
+    assert len(shipped) == 13
     stages = {"stage1": "stage1", "stage1_2": "stage1_2", "stage2": "stage2",
               "stage2_retrieval": "stage2_pretrain_retrieval"}
     for path in shipped:
-        config = load_stage_config(stages[path.stem], [path.parent.name])
-        assert config.stage == stages[path.stem]
+        # A file named after its stage; another (smollm2-cpu/stage1_joint.toml) names it inside.
+        stage = stages.get(path.stem) or read_config(path)["stage"]
+        config = load_stage_config(stage, [str(path)])
+        assert config.stage == stage
         assert config.doc_max_length % config.compress_rate == 0
+    chain = [load_stage_config(s, [str(CONFIG_DIR / "smollm2-cpu" / f"{name}.toml")]) for s, name in (
+        ("stage1", "stage1"), ("stage1", "stage1_joint"), ("stage1_2", "stage1_2"),
+        ("stage2_pretrain_retrieval", "stage2_retrieval"), ("stage2", "stage2"))]
+    for before, after in zip(chain, chain[1:]):  # each run of our checkpoint starts from the one before
+        assert after.pretrain == before.save_path and after.compress_rate == before.compress_rate == 8
     paper = load_stage_config("stage1", ["mistral7b-h100"])
     assert (paper.learning_rate, paper.train_batch_size, paper.mse_loss) == (1e-4, 128, True)
     assert load_stage_config("stage2", ["mistral7b-h100"]).learning_rate == 5e-6
