@@ -10,6 +10,7 @@ Writes are atomic (a temporary file in the same folder, then a rename).
 from __future__ import annotations
 
 import math
+import textwrap
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,7 +65,8 @@ def write_bar_chart_png(path: str | Path, bars: Mapping[str, float], title: str,
     names = list(dict.fromkeys(name for values in series.values() for name in values))
     if not names:
         raise ValueError("no bar to draw")
-    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    # Wider for many groups, and long group names wrapped, so tick labels never run into each other.
+    figure, axes = plt.subplots(figsize=(max(6.4, 1.3 * len(series) + 1.5), 4.0))
     width = 0.8 / len(names) if groups is not None else 0.6
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width if groups is not None else j for i in range(len(series))]
@@ -72,8 +74,8 @@ def write_bar_chart_png(path: str | Path, bars: Mapping[str, float], title: str,
         drawn = axes.bar(xs, heights, width, label=name if groups is not None else None)
         axes.bar_label(drawn, fmt="%.3g", fontsize=8)
     if groups is not None:
-        axes.set_xticks(range(len(series)), list(series))
-        axes.legend()
+        axes.set_xticks(range(len(series)), [textwrap.fill(g, 14) for g in series], fontsize=9)
+        axes.legend(fontsize=8, framealpha=0.9)
     else:
         axes.set_xticks(range(len(names)), names)
     axes.set_title(title)
