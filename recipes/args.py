@@ -257,9 +257,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--doc_max_length {args.doc_max_length} is not a multiple of --compress_rate "
                         f"{args.compress_rate} (try --doc_max_length {hint})")
     if args.stage2_mips:
-        if args.stage not in ("stage2", "stage2_pretrain_retrieval"):
+        stage = get_stage(args.stage)
+        if not stage.retrieves:
             problems.append(f"--stage2_mips searches candidates for the stage2 stages, not --stage {args.stage}")
-        least = max(args.generation_top_k, 2 if args.stage == "stage2_pretrain_retrieval" else 1)
+        least = max(args.generation_top_k, 2 if "retrieval" in stage.losses else 1)  # InfoNCE needs a negative
         if args.stage2_retrieval_top_n < least:
             problems.append(f"--stage2_retrieval_top_n {args.stage2_retrieval_top_n} is below {least} "
                             f"(--generation_top_k {args.generation_top_k}); give it the candidates per question")
