@@ -20,9 +20,10 @@ batch) through `combine_loss_terms`.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -217,6 +218,16 @@ class Clara(nn.Module):
         self.memory_embeddings.requires_grad_(self.config.train_mem_embeddings
                                               and get_stage(stage).trains_memory_embeddings)
 
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Dropout off for the block, then the training mode the model had before."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
@@ -354,12 +365,8 @@ class Clara(nn.Module):
         found = {k: cache.get(k) for k in keys} if cache is not None else {}
         missing = list({k: i for i, k in enumerate(keys) if found.get(k) is None}.values())
         if missing:
-            was_training = self.training
-            self.eval()
-            try:
+            with self.eval_mode():
                 fresh = self.compress_batch(select_rows(documents, missing)).memory
-            finally:
-                self.train(was_training)
             for i, memory in zip(missing, fresh):
                 found[keys[i]] = memory
                 if cache is not None:
@@ -413,25 +420,18 @@ class Clara(nn.Module):
             raise TypeError("compress_documents expects a list of documents, got a single str")
         if len(documents) == 0:
             raise ValueError("compress_documents: no documents")
-        was_training = self.training
-        self.eval()
-        try:
-            parts = []
-            for start in range(0, len(documents), batch_size):
-                batch = _move(encoder_inputs(self.tokenizer, self.config, documents[start:start + batch_size]),
-                              self.device)
-                parts.append(self.frozen_document_memory(batch))  # from the memory_cache where one is set
-            return torch.cat(parts)
-        finally:
-            self.train(was_training)
+        parts = []
+        for start in range(0, len(documents), batch_size):
+            batch = _move(encoder_inputs(self.tokenizer, self.config, documents[start:start + batch_size]),
+                          self.device)
+            parts.append(self.frozen_document_memory(batch))  # eval mode; from the memory_cache where one is set
+        return torch.cat(parts)
 
     @torch.no_grad()
     def _generate_from_memory(self, prompts: list[EncodedPrompt], memory: torch.Tensor,
                               settings: GenerationSettings) -> list[str]:
         """memory [B, k, n_mem, E] into the prompts' slots, then decode with the decoder adapter."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.eval_mode():
             batch = _move(collate_prompts(prompts, self.tokenizer.pad_id, "left"), self.device)
             embeds = self.prompt_embeddings(batch, memory)
             generator = None
@@ -443,8 +443,6 @@ class Clara(nn.Module):
                                top_p=settings.top_p, stop_ids=self.tokenizer.stop_ids(),
                                pad_id=self.tokenizer.pad_id, generator=generator, on_token=settings.on_token)
             return [self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in new]
-        finally:
-            self.train(was_training)
 
     def _settings(self, max_new_tokens: int | None, **kw) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=max_new_tokens or self.config.max_new_tokens, **kw)
@@ -517,13 +515,9 @@ class Clara(nn.Module):
         """The query reasoner's vectors [B, n_mem * E] of questions, as MemoryIndex.search takes them."""
         if QUERY not in self.adapter_names:
             raise ValueError("this model has no query_reasoner_adapter (train stage2, or load a stage2 checkpoint)")
-        was_training = self.training
-        self.eval()
-        try:
+        with self.eval_mode():
             return self.encode_queries(_move(encoder_inputs(self.tokenizer, self.config, list(questions)),
                                              self.device))
-        finally:
-            self.train(was_training)
 
     def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
                                 max_new_tokens: int | None = None, top_k: int | None = None, **kw

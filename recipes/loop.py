@@ -605,49 +605,48 @@ def _evaluate(model: Clara, module, examples, args, precision, device, dist: Dis
               position: Position) -> None:
     """The training loss over the whole evaluation set, as if it were one global batch; with
     --do_eval_gen, a few generations and their F1."""
-    was_training = model.training
-    model.eval()
-    stage = get_stage(args.stage)
-    totals = dict.fromkeys(stage.losses, 0.0)  # the same names in the same order on every rank
-    kinds: dict[str, LossTerm] = {}  # each term's weight and normaliser, as the model gives them
-    tokens, n = 0, 0
-    for chunk in ds.micro_batches(ds.rank_slice(list(range(len(examples))), dist.rank, dist.world_size),
-                                  args.micro_train_batch_size):
-        batch = model.collate([examples[i] for i in chunk], max_len=args.max_len)
-        with precision.autocast(device):
-            _, aux = model(batch)
-        for term in aux["loss_terms"]:
-            totals[term.name] += float(term.value)
-            kinds[term.name] = term
-        tokens += batch.n_target_tokens
-        n += 1
-    tokens, n = all_reduce_sum(tokens, dist, device), all_reduce_sum(n, dist, device)
-    totals = {name: all_reduce_sum(value, dist, device) for name, value in totals.items()}
-    # A process given no evaluation example saw no terms; only the main process reports.
-    eval_loss = float(combine_loss_terms([replace(term, value=torch.tensor(totals[name]))
-                                          for name, term in kinds.items()], int(tokens), int(n))) if kinds else None
-    row: dict[str, Any] = {"step": position.global_step, "eval_loss": eval_loss}
-    if dist.is_main and not is_sharded(model) and stage.generates and not stage.retrieves:
-        row.update(_memory_gap(model, examples))
-    if args.do_eval_gen and is_sharded(model) and dist.is_main:
-        log.info("--do_eval_gen: sample generations are skipped under FSDP2 (rank 0 alone cannot run a "
-                 "sharded model); run clara.recipes.evaluate on the saved checkpoint instead")
-    elif args.do_eval_gen and dist.is_main and stage.generates and not stage.typed_rows:
-        # stage-1 rows hold no single question to answer
-        sample = examples[: min(4, len(examples))]
-        questions = [e.question for e in sample]
-        docs = [list(e.docs) for e in sample]
-        if stage.retrieves:
-            answers, _ = model.generate_from_questions(questions, docs, max_new_tokens=64)
-        else:
-            answers = model.generate_from_text(questions, docs, max_new_tokens=64)
-        scores = answer_scores(answers, [list(e.gold_answers) or [e.answer] for e in sample])
-        row.update({f"eval_gen_{k}": v for k, v in scores.items()})
-        for e, a in zip(sample, answers):
-            tqdm.write(f"[eval gen] question: {e.question}\n           prediction: {a}\n           gold: {e.answer}")
-    if dist.is_main:
-        log.info("eval at step %d: %s", position.global_step,
-                 ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
-        with open(save_path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-    model.train(was_training)
+    with model.eval_mode():
+        stage = get_stage(args.stage)
+        totals = dict.fromkeys(stage.losses, 0.0)  # the same names in the same order on every rank
+        kinds: dict[str, LossTerm] = {}  # each term's weight and normaliser, as the model gives them
+        tokens, n = 0, 0
+        for chunk in ds.micro_batches(ds.rank_slice(list(range(len(examples))), dist.rank, dist.world_size),
+                                      args.micro_train_batch_size):
+            batch = model.collate([examples[i] for i in chunk], max_len=args.max_len)
+            with precision.autocast(device):
+                _, aux = model(batch)
+            for term in aux["loss_terms"]:
+                totals[term.name] += float(term.value)
+                kinds[term.name] = term
+            tokens += batch.n_target_tokens
+            n += 1
+        tokens, n = all_reduce_sum(tokens, dist, device), all_reduce_sum(n, dist, device)
+        totals = {name: all_reduce_sum(value, dist, device) for name, value in totals.items()}
+        # A process given no evaluation example saw no terms; only the main process reports.
+        eval_loss = float(combine_loss_terms([replace(term, value=torch.tensor(totals[name]))
+                                              for name, term in kinds.items()], int(tokens), int(n))) if kinds else None
+        row: dict[str, Any] = {"step": position.global_step, "eval_loss": eval_loss}
+        if dist.is_main and not is_sharded(model) and stage.generates and not stage.retrieves:
+            row.update(_memory_gap(model, examples))
+        if args.do_eval_gen and is_sharded(model) and dist.is_main:
+            log.info("--do_eval_gen: sample generations are skipped under FSDP2 (rank 0 alone cannot run a "
+                     "sharded model); run clara.recipes.evaluate on the saved checkpoint instead")
+        elif args.do_eval_gen and dist.is_main and stage.generates and not stage.typed_rows:
+            # stage-1 rows hold no single question to answer
+            sample = examples[: min(4, len(examples))]
+            questions = [e.question for e in sample]
+            docs = [list(e.docs) for e in sample]
+            if stage.retrieves:
+                answers, _ = model.generate_from_questions(questions, docs, max_new_tokens=64)
+            else:
+                answers = model.generate_from_text(questions, docs, max_new_tokens=64)
+            scores = answer_scores(answers, [list(e.gold_answers) or [e.answer] for e in sample])
+            row.update({f"eval_gen_{k}": v for k, v in scores.items()})
+            for e, a in zip(sample, answers):
+                tqdm.write(f"[eval gen] question: {e.question}\n           prediction: {a}\n"
+                           f"           gold: {e.answer}")
+        if dist.is_main:
+            log.info("eval at step %d: %s", position.global_step,
+                     ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
+            with open(save_path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")

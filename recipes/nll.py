@@ -83,30 +83,29 @@ def answer_nll(model: Clara, examples: Sequence[Any], batch_size: int = 4, progr
         raise ValueError(f"the NLL evaluation needs at least 2 QA or stage1_2 rows, got {len(examples)}")
     if len({len(e.docs) for e in examples}) != 1:
         raise ValueError("the NLL evaluation needs the same number of documents in every row")
-    was_training = model.training
-    model.eval()
-    k = len(examples[0].docs)
-    # The template follows the rows (stage1 QA or stage1_2), whatever stage the model was saved in.
-    config = replace(model.config, training_stage="stage1" if hasattr(examples[0], "data_type") else "stage1_2")
-    memory = model.compress_documents([d for e in examples for d in e.docs]).view(len(examples), k, -1, model.hidden_size)
-    shuffled = torch.roll(memory, shifts=-1, dims=0)  # row i reads row i+1's documents
-    rows: list[dict[str, float]] = []
-    bar = tqdm(total=len(examples), desc="answer NLL", unit="row", disable=not progress)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        slotted = [prompt_for_example(e, model.tokenizer, config, model.rng, model.texts) for e in chunk]
-        runs = {
-            "compressed": lambda: _row_nll(model, slotted, memory[start:start + len(chunk)]),
-            "shuffled": lambda: _row_nll(model, slotted, shuffled[start:start + len(chunk)]),
-            "no_context": lambda: _row_nll(model, [text_context_prompt(e, model.tokenizer, config, "", model.texts)
-                                                   for e in chunk], None),
-            "full_text": lambda: _row_nll(model, [text_context_prompt(e, model.tokenizer, config,
-                                                                      _full_text(model, e.docs), model.texts)
-                                                  for e in chunk], None),
-        }
-        values = {c: runs[c]() for c in conditions}
-        rows += [{c: values[c][i] for c in conditions} for i in range(len(chunk))]
-        bar.update(len(chunk))
-    bar.close()
-    model.train(was_training)
+    with model.eval_mode():
+        k = len(examples[0].docs)
+        # The template follows the rows (stage1 QA or stage1_2), whatever stage the model was saved in.
+        config = replace(model.config, training_stage="stage1" if hasattr(examples[0], "data_type") else "stage1_2")
+        memory = model.compress_documents([d for e in examples for d in e.docs])
+        memory = memory.view(len(examples), k, -1, model.hidden_size)
+        shuffled = torch.roll(memory, shifts=-1, dims=0)  # row i reads row i+1's documents
+        rows: list[dict[str, float]] = []
+        bar = tqdm(total=len(examples), desc="answer NLL", unit="row", disable=not progress)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            slotted = [prompt_for_example(e, model.tokenizer, config, model.rng, model.texts) for e in chunk]
+            runs = {
+                "compressed": lambda: _row_nll(model, slotted, memory[start:start + len(chunk)]),
+                "shuffled": lambda: _row_nll(model, slotted, shuffled[start:start + len(chunk)]),
+                "no_context": lambda: _row_nll(model, [text_context_prompt(e, model.tokenizer, config, "", model.texts)
+                                                       for e in chunk], None),
+                "full_text": lambda: _row_nll(model, [text_context_prompt(e, model.tokenizer, config,
+                                                                          _full_text(model, e.docs), model.texts)
+                                                      for e in chunk], None),
+            }
+            values = {c: runs[c]() for c in conditions}
+            rows += [{c: values[c][i] for c in conditions} for i in range(len(chunk))]
+            bar.update(len(chunk))
+        bar.close()
     return NLLResult(rows)

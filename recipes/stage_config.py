@@ -15,9 +15,9 @@ A config file holds `clara-train` flags by name, without the dashes:
 The file becomes the same flags `clara-train` parses, the overrides are appended (the last value
 of a flag wins), and `clara.recipes.args.parse_args` checks them all: a config file can say no
 more and no less than the command line. A switch the file sets to true is turned off by an
-override `--no_NAME` (e.g. `--no_bf16`, `--no_freeze_decoder_adapter`). The stage is the script's own; a file that names another
-is refused. A shipped config is `recipes/configs/NAME/<script>.toml` (stage1, stage1_2, stage2,
-stage2_retrieval).
+override `--no_NAME` (e.g. `--no_bf16`, `--no_freeze_decoder_adapter`). The stage is the
+script's own; a file that names another is refused. A shipped config is
+`recipes/configs/NAME/<script>.toml` (stage1, stage1_2, stage2, stage2_retrieval).
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def load_stage_config(stage: str, argv: Sequence[str]) -> TrainConfig:
 def switches_turned_off(overrides: list[str], values: dict[str, Any]) -> list[str]:
     """Takes each `--no_NAME` for a switch NAME out of `overrides` and sets values[NAME] = False
     (clara-train itself has --no_ forms only for the switches that default to on)."""
-    parser_options = {opt for action in build_parser()._actions for opt in action.option_strings}
-    switches = {a.dest for a in build_parser()._actions if a.nargs == 0 and a.dest not in ("help", "debug")}
+    actions = build_parser()._actions
+    parser_options = {opt for action in actions for opt in action.option_strings}
+    switches = {a.dest for a in actions if a.nargs == 0 and a.dest not in ("help", "debug")}
     kept = []
     for token in overrides:
         name = token[len("--no_"):] if token.startswith("--no_") else None
