@@ -54,6 +54,8 @@ import torch
 import torch.nn as nn
 
 from clara.kernels import linear, lora_linear
+from clara.kernels.reference import lora_delta
+from clara.quant import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -147,12 +149,20 @@ class LoRALinear(nn.Module):
     (qkv_proj, gate_up_proj) gets one adapter over its whole output.
     """
 
-    def __init__(self, base: nn.Linear, selection: AdapterSelection | None = None):
-        """Wrap `base` without copying: this layer holds the very same weight/bias Parameters."""
+    def __init__(self, base: nn.Linear | QuantizedLinear, selection: AdapterSelection | None = None):
+        """Wrap `base` without copying: this layer holds the very same weight/bias Parameters, or,
+        for a quantized base, the QuantizedLinear itself as `quantized` (its buffers then sit under
+        `<layer>.quantized.`)."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight.requires_grad_(False)
-        self.register_parameter("bias", None if base.bias is None else base.bias.requires_grad_(False))
+        if isinstance(base, QuantizedLinear):
+            self.register_module("quantized", base)
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        else:
+            self.register_module("quantized", None)
+            self.weight = base.weight.requires_grad_(False)
+            self.register_parameter("bias", None if base.bias is None else base.bias.requires_grad_(False))
         self.adapters = nn.ModuleDict()
         # Shared by all LoRA layers of a model (apply_lora passes the model-wide one).
         self.selection = selection if selection is not None else AdapterSelection()
@@ -166,10 +176,19 @@ class LoRALinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists (adapters: {list(self.adapters)})")
         adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout,
-                              device=self.weight.device, dtype=dtype or self.weight.dtype)
+                              device=self.base_device, dtype=dtype or self.base_dtype)
         adapter.train(self.training)  # a new module defaults to training mode, with dropout on
         self.adapters[name] = adapter
         return adapter
+
+    @property
+    def base_device(self) -> torch.device:
+        return self.quantized.codes.device if self.quantized is not None else self.weight.device
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The base weight's dtype (for a quantized base, the dtype it was loaded in)."""
+        return self.quantized.dtype if self.quantized is not None else self.weight.dtype
 
     def adapter(self, name: str) -> LoRAAdapter:
         if name not in self.adapters:
@@ -180,6 +199,7 @@ class LoRALinear(nn.Module):
     def merge(self, name: str) -> None:
         """W <- W + (alpha/r)·B A. Merging the merged adapter again warns and does nothing."""
         adapter = self.adapter(name)
+        self._require_float_base("merge")
         if self.merged_adapter == name:
             warnings.warn(f"adapter {name!r} is already merged; merge skipped", stacklevel=2)
             return
@@ -199,6 +219,11 @@ class LoRALinear(nn.Module):
         self.weight.copy_((self.weight.float() - adapter.delta_weight()).to(self.weight.dtype))
         self.merged_adapter = None
 
+    def _require_float_base(self, what: str) -> None:
+        if self.quantized is not None:
+            raise RuntimeError(f"cannot {what} an adapter into a {self.quantized.kind}-quantized base weight; "
+                               "load the base unquantized to merge")
+
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self.selection.active()
@@ -207,6 +232,13 @@ class LoRALinear(nn.Module):
                 f"adapter {self.merged_adapter!r} is merged into the weight, but {active!r} is active; "
                 "unmerge it before using another adapter or the base model"
             )
+        if self.quantized is not None:
+            out = self.quantized(x)  # the weight dequantized for this multiply only: clara/quant.py
+            if active is None:
+                return out
+            adapter = self.adapter(active)
+            return out + lora_delta(x, adapter.lora_A, adapter.lora_B, adapter.scaling, adapter.dropout_p,
+                                    adapter.training)
         if active is None or active == self.merged_adapter:
             return linear(x, self.weight, self.bias)
         adapter = self.adapter(active)
@@ -217,7 +249,9 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         merged = f", merged={self.merged_adapter!r}" if self.merged_adapter else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{merged}"
+        quantized = self.quantized is not None
+        base = f", quantized={self.quantized.kind!r}" if quantized else f", bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}{base}{merged}"
 
 
 def check_adapter_name(name: str) -> None:
@@ -281,7 +315,8 @@ def apply_lora(model: nn.Module, adapter_names: Iterable[str], r: int, alpha: fl
 
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; use add_adapter to add another adapter")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_target(n, targets)}
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, QuantizedLinear)) and _is_target(n, targets)}
     unmatched = [t for t in targets if t != ALL_LINEAR and not any(n.split(".")[-1] == t for n in linears)]
     if unmatched:
         available = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})

@@ -175,9 +175,11 @@ class Clara(nn.Module):
 
     @classmethod
     def from_base(cls, name_or_path: str, config: ClaraConfig | None = None, *, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu", texts: PromptTexts = DEFAULT_TEXTS) -> "Clara":
-        """A fresh Clara on a base model: HF directory, hub id, GGUF file or the alias `smollm2-135m`."""
-        decoder, tokenizer = load_base(name_or_path, dtype=dtype, device=device)
+                  device: str | torch.device = "cpu", texts: PromptTexts = DEFAULT_TEXTS,
+                  quantize: str | None = None) -> "Clara":
+        """A fresh Clara on a base model: HF directory, hub id, GGUF file or the alias `smollm2-135m`;
+        quantize="nf4"|"int8" stores the frozen base's block weights quantized (clara/quant.py)."""
+        decoder, tokenizer = load_base(name_or_path, dtype=dtype, device=device, quantize=quantize)
         return cls.from_decoder(decoder, tokenizer, config, base_name=str(name_or_path), texts=texts)
 
     @classmethod

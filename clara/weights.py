@@ -26,12 +26,14 @@ from clara.decoder import Decoder
 from clara.errors import InputError
 from clara.files import read_json
 from clara.gguf_file import GGUFFile, GGUFFormatError, read_gguf
+from clara.quant import QuantizationError, check_quant_kind, is_quantizable, quantize_linear_layers, quantize_state
 from clara.sources import SourceError, embedded_model_path, resolve_source
 from clara.tokenizer import Tokenizer
 
 # gguf_config (clara.base_config) and embedded_model_path (clara.sources) are importable from here too.
 __all__ = ["DTYPES", "WeightsError", "load_base", "load_hf_directory", "load_gguf", "open_gguf", "extend_vocabulary",
-           "HF_NAME_MAPS", "GGUF_LLAMA_MAP", "convert_hf_state_dict", "assign_state_dict", "build_on_meta", "rename",
+           "HF_NAME_MAPS", "GGUF_LLAMA_MAP", "convert_hf_state_dict", "assign_state_dict", "build_on_meta",
+           "store_tensor", "rename",
            "unpermute_gguf_rows", "gguf_config", "embedded_model_path"]
 
 # The dtypes a command line may name (--dtype), the one table every command reads.
@@ -144,9 +146,26 @@ def convert_hf_state_dict(
 # ------------------------------------------------------------------------------------------------
 # Assigning a state dict into a meta-device model
 # ------------------------------------------------------------------------------------------------
-def build_on_meta(cfg: DecoderConfig) -> Decoder:
+def build_on_meta(cfg: DecoderConfig, quantize: str | None = None, dtype: torch.dtype = torch.float32) -> Decoder:
+    """The decoder's modules without storage; with `quantize`, the blocks' linear layers are
+    QuantizedLinear shells (clara/quant.py) that take store_tensor's quantized tensors."""
     with torch.device("meta"):
-        return Decoder(cfg)
+        model = Decoder(cfg)
+    if quantize is not None:
+        quantize_linear_layers(model, quantize, dtype=dtype)
+    return model
+
+
+def store_tensor(state: dict[str, torch.Tensor], name: str, tensor: torch.Tensor, dtype: torch.dtype,
+                 device, quantize: str | None = None) -> None:
+    """state[name] = tensor in `dtype` on `device`; or, with `quantize`, a block linear's weight as
+    its quantized buffers, quantized as it is read so the unquantized model never exists at once."""
+    if quantize is not None and tensor.dim() == 2 and is_quantizable(name):
+        prefix = name.removesuffix(".weight")
+        for key, value in quantize_state(tensor.to(device), quantize).items():
+            state[f"{prefix}.{key}"] = value
+    else:
+        state[name] = tensor.to(device=device, dtype=dtype)
 
 
 def assign_state_dict(model: Decoder, state: dict[str, torch.Tensor], source: str) -> Decoder:
@@ -210,7 +229,7 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise WeightsError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
 
 
-def load_hf_directory(directory: str | Path, dtype=torch.float32, device="cpu") -> Decoder:
+def load_hf_directory(directory: str | Path, dtype=torch.float32, device="cpu", quantize: str | None = None) -> Decoder:
     directory = Path(directory)
     try:
         cfg = hf_config(directory / "config.json")
@@ -226,10 +245,10 @@ def load_hf_directory(directory: str | Path, dtype=torch.float32, device="cpu") 
             if ours is None:
                 unknown.append(f"{name} (in {file.name})")
                 continue
-            state[ours] = tensor.to(device=device, dtype=dtype)
+            store_tensor(state, ours, tensor, dtype, device, quantize)
     if unknown:
         raise WeightsError(f"{directory}: unexpected tensors for {cfg.model_type}: {', '.join(sorted(unknown)[:20])}")
-    return assign_state_dict(build_on_meta(cfg), state, str(directory)).eval()
+    return assign_state_dict(build_on_meta(cfg, quantize, dtype), state, str(directory)).eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +272,8 @@ def open_gguf(path: str | Path) -> GGUFFile:
         raise WeightsError(str(e)) from None
 
 
-def load_gguf(path_or_file: str | Path | GGUFFile, dtype=torch.float32, device="cpu") -> Decoder:
+def load_gguf(path_or_file: str | Path | GGUFFile, dtype=torch.float32, device="cpu",
+              quantize: str | None = None) -> Decoder:
     gf = path_or_file if isinstance(path_or_file, GGUFFile) else open_gguf(path_or_file)
     try:
         cfg = gguf_config(gf)
@@ -276,28 +296,33 @@ def load_gguf(path_or_file: str | Path | GGUFFile, dtype=torch.float32, device="
             w = unpermute_gguf_rows(w, cfg.num_attention_heads)
         elif ours.endswith("attn.k_proj.weight"):
             w = unpermute_gguf_rows(w, cfg.num_key_value_heads)
-        state[ours] = torch.from_numpy(np.ascontiguousarray(w)).to(device=device, dtype=dtype)
+        store_tensor(state, ours, torch.from_numpy(np.ascontiguousarray(w)), dtype, device, quantize)
     if unknown:
         raise WeightsError(f"{gf.path}: unexpected GGUF tensors: {', '.join(sorted(unknown)[:20])}")
-    return assign_state_dict(build_on_meta(cfg), state, str(gf.path)).eval()
+    return assign_state_dict(build_on_meta(cfg, quantize, dtype), state, str(gf.path)).eval()
 
 
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
 def load_base(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> tuple[Decoder, Tokenizer]:
-    """-> (Decoder, Tokenizer) for an embedded model's alias, a GGUF file, a HF folder, or a hub repo id."""
+              device: str | torch.device = "cpu", quantize: str | None = None) -> tuple[Decoder, Tokenizer]:
+    """-> (Decoder, Tokenizer) for an embedded model's alias, a GGUF file, a HF folder, or a hub repo id.
+
+    quantize: "nf4" or "int8" stores the blocks' linear weights quantized (clara/quant.py); the
+    rest of the model is in `dtype`, which is also the dtype the weights are dequantized to.
+    """
     try:
+        check_quant_kind(quantize)
         source = resolve_source(name_or_path)
-    except SourceError as e:
+    except (SourceError, QuantizationError) as e:
         raise WeightsError(str(e)) from None
     if source.kind == "gguf":
         gf = open_gguf(source.path)  # parsed once, shared by the weights and the tokenizer
-        model = load_gguf(gf, dtype=dtype, device=device)
+        model = load_gguf(gf, dtype=dtype, device=device, quantize=quantize)
         tokenizer = Tokenizer.from_gguf(gf)
     else:
-        model = load_hf_directory(source.path, dtype=dtype, device=device)
+        model = load_hf_directory(source.path, dtype=dtype, device=device, quantize=quantize)
         tokenizer = Tokenizer.from_hf_dir(source.path)
     model.name_or_path = str(name_or_path)
     return model, tokenizer

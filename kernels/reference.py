@@ -191,6 +191,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     tensor. This is also what kernels/lora.py runs for dtype mixes its node does not take (autocast
     on GPUs, adapters in another dtype than the base).
     """
+    return linear(x, weight, bias) + lora_delta(x, lora_a, lora_b, scaling, dropout_p, training)
+
+
+def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+               dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """The adapter's share alone, scaling · B A dropout(x), in x's dtype (a quantized base adds it
+    to its own product: clara/lora.py)."""
     h = dropout(x.to(lora_a.dtype), dropout_p, training)  # [..., in]
     z = linear(h, lora_a) * scaling  # [..., r]
-    return linear(x, weight, bias) + linear(z, lora_b).to(x.dtype)
+    return linear(z, lora_b).to(x.dtype)

@@ -20,6 +20,8 @@ from clara.recipes.train_config import TrainConfig
 from clara.command import CommandParser
 from clara.config import MAX_COMPRESS_RATE
 from clara.model import DECODER
+from clara.quant import QUANT_KINDS
+from clara.recipes.precision import PLAN_TARGETS
 from clara.stages import STAGE_NAMES, get_stage
 
 # Learning-rate schedules recipes/schedule.py implements (names as transformers' get_scheduler).
@@ -150,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Mixed precision: bf16 autocast where the hardware has bf16 (sm80+ GPUs, CPUs with "
                            "AVX512-BF16/AMX); fp16 autocast with dynamic loss scaling on GPUs without bf16 (T4); "
                            "trainable parameters stay fp32")
+    dist.add_argument("--quantize", choices=QUANT_KINDS, default=None,
+                      help="Store the frozen base's block weights quantized: nf4 (QLoRA's 4-bit NormalFloat, "
+                           "double-quantized scales) or int8 (per row); dequantized one layer at a time in forward "
+                           "and backward. Adapters, memory rows, embeddings and norms are not quantized")
     dist.add_argument("--gradient_checkpointing", action="store_true", default=False,
                       help="Recompute each decoder block in the backward pass instead of storing its activations")
     dist.add_argument("--flash_attn", action="store_true", default=False,
@@ -231,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "--memory_budget_gb, then exit without training")
     ours.add_argument("--memory_budget_gb", type=float, default=15.0,
                       help="Accelerator memory budget for the planner in GiB (15 fits a 16 GB T4)")
+    ours.add_argument("--plan_for", type=str, default="auto", choices=PLAN_TARGETS,
+                      help="The device --dry_run plans for: auto (the one this run would use), cpu, t4 (a CUDA "
+                           "GPU without bf16: fp16 autocast under --bf16) or sm80 (bf16 GPUs: A100, L4, H100), "
+                           "so that a run meant for a Colab T4 can be planned on any machine")
     return parser
 
 

@@ -164,7 +164,7 @@ def build_model(args: TrainConfig, precision, device) -> Clara:
     if checkpoint is not None:
         base = args.pretrain if args.pretrain_checkpoint and not find_clara_checkpoint(args.pretrain) else None
         model = Clara.from_pretrained(checkpoint, base=base, training_stage=stage, dtype=precision.weight_dtype,
-                                      device=device, settings=run_switches(args))
+                                      device=device, settings=run_switches(args), quantize=args.quantize)
         if model.texts != PROMPT_TEXTS[args.prompt_texts]:
             log.warning("%s was trained with other prompt wording than --prompt_texts %s; the run keeps the "
                         "checkpoint's", checkpoint, args.prompt_texts)
@@ -173,7 +173,7 @@ def build_model(args: TrainConfig, precision, device) -> Clara:
                              training_stage=stage, lora_r=args.lora_rank, lora_alpha=args.lora_alpha,
                              lora_target_modules=lora_targets(args), **run_switches(args))
         model = Clara.from_base(args.pretrain, config, dtype=precision.weight_dtype, device=device,
-                                texts=PROMPT_TEXTS[args.prompt_texts])
+                                texts=PROMPT_TEXTS[args.prompt_texts], quantize=args.quantize)
     if args.freeze_decoder_adapter:
         mark_only_adapters_trainable(model.decoder, tuple(a for a in get_stage(stage).trained_adapters if a != DECODER))
     model.rng.seed(args.seed)

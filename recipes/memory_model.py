@@ -12,7 +12,8 @@ it plans for come from recipes/presets.py.
 What is counted (bytes; T tokens of a pass, E hidden, F intermediate, H/G query/key-value heads,
 D head dim, V vocabulary, s bytes of the compute dtype):
 
-* static: the frozen base weights (weight dtype); every LoRA adapter the stage's model holds in
+* static: the frozen base weights (weight dtype; with a quantized base, the blocks' linear weights
+  at NF4's 4.13 or int8's 8 bits plus scales, clara/quant.py); every LoRA adapter the stage's model holds in
   fp32; for the adapters it trains also an fp32 gradient and AdamW's two fp32 moments (both
   counts come from the stage table, clara/stages.py).
 * stored activations, i.e. the tensors autograd keeps for backward. The base weights are frozen,
@@ -37,7 +38,11 @@ D head dim, V vocabulary, s bytes of the compute dtype):
   fp32 [T, V] gradients exist.
 * backward working set: gradients flowing through one block (about 3 x [T, F] + 3 x [T, E]).
 
-peak = static + max(end of forward + loss backward, block backward (+ one recomputed block)).
+* a quantized base dequantizes one linear layer's weight at a time, in forward and in backward:
+  the largest one in the compute dtype, plus the NF4 decoder's chunk of indices and values.
+
+peak = static + max(end of forward + loss backward, block backward (+ one recomputed block))
+       (+ the dequantized weight, quantized bases).
 The figures model PyTorch's eager autograd as used by clara/decoder.py; tests/test_planner.py checks
 them against the measured CPU peak; on CUDA under autocast two measured factors correct them (below).
 The CUDA context is not counted: it is outside the allocator's budget.
@@ -51,6 +56,7 @@ from typing import Any
 import torch
 
 from clara.config import DecoderConfig
+from clara.quant import DEQUANT_CHUNK, check_quant_kind, quantized_bytes
 from clara.stages import get_stage
 from clara.weights import DTYPES
 
@@ -127,6 +133,26 @@ def base_parameter_count(cfg: DecoderConfig) -> int:
     return total
 
 
+def frozen_weight_bytes(cfg: DecoderConfig, weight_bytes: int, quantize: str | None = None) -> int:
+    """Bytes of the frozen base: every parameter at `weight_bytes`, or with `quantize` the blocks'
+    linear weights as clara.quant stores them and the rest at `weight_bytes`."""
+    total = base_parameter_count(cfg) * weight_bytes
+    if quantize is None:
+        return total
+    linears = block_linears(cfg)
+    unquantized = total - cfg.num_hidden_layers * sum(i * o for _, i, o, _ in linears) * weight_bytes
+    return unquantized + cfg.num_hidden_layers * sum(quantized_bytes(i, o, quantize) for _, i, o, _ in linears)
+
+
+def dequantized_weight_bytes(cfg: DecoderConfig, compute_bytes: int, quantize: str | None) -> int:
+    """The largest block linear dequantized in the compute dtype, with the NF4 decoder's chunk."""
+    if quantize is None:
+        return 0
+    largest = max(i * o for _, i, o, _ in block_linears(cfg))
+    chunk = min(largest, DEQUANT_CHUNK) * (2 + compute_bytes) if quantize == "nf4" else 0  # int32 per pair + values
+    return largest * compute_bytes + chunk
+
+
 def targeted_linears(cfg: DecoderConfig, targets: str | tuple[str, ...] | list[str]) -> list[tuple[str, int, int, str]]:
     linears = block_linears(cfg)
     if targets == "all-linear" or targets == ["all-linear"] or targets == ("all-linear",):
@@ -160,6 +186,9 @@ class _Precision:
     autocast: bool  # compute dtype differs from the fp32 adapters: autocast casts every adapter input
     dropout: bool
     dropout_mask: int  # bytes per element of a dropout mask under autocast: bool on CUDA, fp32 on CPU
+    # A quantized base: adapters run the composed path (kernels/reference.py lora_delta), each keeping
+    # its own dropped input as under autocast, and the base multiply keeps nothing.
+    composed_lora: bool = False
 
 
 def _block_stored(cfg: DecoderConfig, rows: int, length: int, lora: list, r: int, p: _Precision,
@@ -180,7 +209,7 @@ def _block_stored(cfg: DecoderConfig, rows: int, length: int, lora: list, r: int
                     "attn_out": p.s, "mlp_act": p.s}
     kept_shared = {"attn_out"}  # SDPA keeps its output whatever the adapters do
     for _, fan_in, _, source in lora:
-        if p.autocast:
+        if p.autocast or p.composed_lora:
             total += t * fan_in * p.s  # the adapter's own copy (autocast casts its input)
             total += t * fan_in * p.dropout_mask if p.dropout else 0
         else:
@@ -258,6 +287,7 @@ class MemoryPlan:
     weight_dtype: str
     compute_dtype: str
     gradient_checkpointing: bool
+    quantize: str | None
     # bytes
     frozen_weights: int
     adapter_params: int  # every adapter, fp32
@@ -269,6 +299,7 @@ class MemoryPlan:
     logits: int  # fp32 log-probabilities kept + the two fp32 gradients at the loss backward
     backward_working: int  # gradients through one block
     no_grad_encoding: int  # stage2: documents compressed without gradient (one block's working set)
+    dequantized_weight: int  # quantized base: one layer's weight dequantized for its multiply
     total: int
     peak_phase: str  # "loss backward" | "block backward" | "document encoding"
     passes: list[PassPlan] = field(default_factory=list)
@@ -288,7 +319,7 @@ def estimate_peak_memory(decoder_config: DecoderConfig, *, stage: str = "stage1"
                          lora_dropout: float = 0.1, weight_dtype: str | torch.dtype = "bf16",
                          compute_dtype: str | torch.dtype = "bf16", gradient_checkpointing: bool = False,
                          n_docs_per_example: int | None = None, logits_tokens: int | None = None,
-                         padded: bool = True, device: str = "cuda") -> MemoryPlan:
+                         padded: bool = True, device: str = "cuda", quantize: str | None = None) -> MemoryPlan:
     """Estimated peak bytes of one training step (forward + backward + optimizer step).
 
     n_docs_per_example: documents compressed per example (default: 1 in stage1, generation_top_k in
@@ -298,7 +329,10 @@ def estimate_peak_memory(decoder_config: DecoderConfig, *, stage: str = "stage1"
     padded: rows of unequal length, so attention gets a mask (always true for real batches).
     device: "cuda" or "cpu"; on CPU a dropout mask has the input's dtype, on CUDA it is bool.
     lora_targets: "all-linear" or projection names.
+    quantize: None, "nf4" or "int8": the frozen base's block linears stored quantized (weight_dtype
+        is then the dtype of everything else, compute_dtype the one they are dequantized to).
     """
+    check_quant_kind(quantize)
     spec = get_stage(stage)
     for name, value in (("micro_batch", micro_batch), ("max_len", max_len), ("doc_max_length", doc_max_length),
                         ("compress_rate", compress_rate), ("generation_top_k", generation_top_k), ("lora_r", lora_r)):
@@ -313,7 +347,8 @@ def estimate_peak_memory(decoder_config: DecoderConfig, *, stage: str = "stage1"
     # Under autocast the dropout runs on the fp32 copy the adapter makes: on CPU an fp32 factor (an
     # upper bound: kernels/lora.py widens with a uint8 mask where the CPU lacks bf16 instructions).
     p = _Precision(w=w_dtype.itemsize, s=c_dtype.itemsize, autocast=c_dtype != torch.float32,
-                   dropout=lora_dropout > 0, dropout_mask=1 if device == "cuda" else ADAPTER_BYTES)
+                   dropout=lora_dropout > 0, dropout_mask=1 if device == "cuda" else ADAPTER_BYTES,
+                   composed_lora=quantize is not None)
     lora = targeted_linears(cfg, lora_targets)
     n_mem = doc_max_length // compress_rate
     enc_width = doc_max_length + 3 + n_mem
@@ -340,7 +375,8 @@ def estimate_peak_memory(decoder_config: DecoderConfig, *, stage: str = "stage1"
 
     n_adapters, n_trained = adapters_for_stage(stage)
     one_adapter = adapter_parameter_count(cfg, lora_r, lora_targets) * ADAPTER_BYTES
-    frozen = base_parameter_count(cfg) * w_dtype.itemsize
+    frozen = frozen_weight_bytes(cfg, w_dtype.itemsize, quantize)
+    dequantized = dequantized_weight_bytes(cfg, c_dtype.itemsize, quantize)
     adapters, grads, states = n_adapters * one_adapter, n_trained * one_adapter, 2 * n_trained * one_adapter
 
     # Measured corrections for CUDA under fp16/bf16 autocast (see CUDA_AUTOCAST_* above).
@@ -365,17 +401,18 @@ def estimate_peak_memory(decoder_config: DecoderConfig, *, stage: str = "stage1"
         "document encoding": no_grad + (encoder_stored if no_grad else 0),
     }
     peak_phase = max(phases, key=phases.get)
-    static = frozen + adapters + grads + states
+    static = frozen + adapters + grads + states + dequantized
     return MemoryPlan(
         stage=stage, micro_batch=micro_batch, max_len=max_len,
         encoder_tokens=sum(ps.rows * ps.length for ps in with_grad if ps is not decoder_pass),
         decoder_tokens=micro_batch * max_len if spec.generates else 0,
         weight_dtype=str(w_dtype).removeprefix("torch."),
-        compute_dtype=str(c_dtype).removeprefix("torch."), gradient_checkpointing=ckpt,
+        compute_dtype=str(c_dtype).removeprefix("torch."), gradient_checkpointing=ckpt, quantize=quantize,
         frozen_weights=frozen, adapter_params=adapters, adapter_grads=grads, optimizer_states=states,
         encoder_activations=encoder_stored, decoder_activations=decoder_pass.stored if decoder_pass else 0,
         recompute=recompute,
         logits=logits_kept + logits_backward, backward_working=working, no_grad_encoding=no_grad,
+        dequantized_weight=dequantized,
         total=static + phases[peak_phase], peak_phase=peak_phase, passes=passes,
     )
 
@@ -406,7 +443,8 @@ def format_bytes(n: int) -> str:
 def format_plan(plan: MemoryPlan, budget_bytes: int | None = None, largest: int | None = None) -> str:
     ckpt = "on" if plan.gradient_checkpointing else "off"
     rows = [
-        ("frozen base weights", plan.frozen_weights, plan.weight_dtype),
+        ("frozen base weights", plan.frozen_weights,
+         f"{plan.quantize} block linears, the rest {plan.weight_dtype}" if plan.quantize else plan.weight_dtype),
         ("LoRA adapters (fp32)", plan.adapter_params, "all adapters"),
         ("LoRA gradients (fp32)", plan.adapter_grads, "trained adapters"),
         ("AdamW states (fp32)", plan.optimizer_states, "exp_avg + exp_avg_sq"),
@@ -416,10 +454,13 @@ def format_plan(plan: MemoryPlan, budget_bytes: int | None = None, largest: int 
         ("logits + loss gradients", plan.logits, "fp32 log-probs + the loss backward's buffers"),
         ("backward working set", plan.backward_working, "gradients through one block"),
     ]
+    if plan.quantize:
+        rows.append(("dequantized weight", plan.dequantized_weight, "one layer at a time, in the compute dtype"))
     if plan.no_grad_encoding:
         rows.append(("document encoding (no grad)", plan.no_grad_encoding, "one block's working set"))
     lines = [f"memory plan: {plan.stage}, micro-batch {plan.micro_batch}, max_len {plan.max_len}, "
-             f"weights {plan.weight_dtype}, compute {plan.compute_dtype}, gradient checkpointing {ckpt}"]
+             f"weights {plan.weight_dtype}{f' ({plan.quantize} base)' if plan.quantize else ''}, "
+             f"compute {plan.compute_dtype}, gradient checkpointing {ckpt}"]
     lines += [f"  {name:<28}{format_bytes(value):>12}   {note}" for name, value, note in rows]
     lines.append(f"  {'estimated peak':<28}{format_bytes(plan.total):>12}   at the {plan.peak_phase}")
     if budget_bytes is not None:

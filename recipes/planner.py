@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from clara.command import CommandParser, command_main
+from clara.quant import QUANT_KINDS
 from clara.recipes.memory_model import (
     GiB,
     MemoryPlan,
@@ -26,15 +27,17 @@ from clara.recipes.memory_model import (
     estimate_peak_memory,
     format_bytes,
     format_plan,
+    frozen_weight_bytes,
     largest_micro_batch,
 )
-from clara.recipes.precision import choose_precision, pick_device
+from clara.recipes.precision import choose_precision, pick_device, planned_precision
 from clara.recipes.presets import HUB_PRESETS, PRESET_NAMES, PRESETS, load_model_config, preset_config
 from clara.stages import STAGE_NAMES
 from clara.weights import DTYPES
 
 __all__ = ["GiB", "MemoryPlan", "PassPlan", "adapter_parameter_count", "adapters_for_stage", "base_parameter_count",
-           "estimate_peak_memory", "format_bytes", "format_plan", "largest_micro_batch", "HUB_PRESETS",
+           "estimate_peak_memory", "format_bytes", "format_plan", "frozen_weight_bytes", "largest_micro_batch",
+           "HUB_PRESETS",
            "PRESET_NAMES", "PRESETS", "load_model_config", "preset_config", "plan_kwargs_from_train_args",
            "plan_from_args", "build_parser", "main"]
 
@@ -64,22 +67,30 @@ def plan_kwargs_from_train_args(args: Any, *, weight_dtype: str | torch.dtype, c
                 doc_max_length=args.doc_max_length, compress_rate=args.compress_rate,
                 generation_top_k=args.generation_top_k, lora_r=args.lora_rank, lora_targets=args.target_modules,
                 lora_dropout=args.lora_dropout, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
-                gradient_checkpointing=args.gradient_checkpointing, device=device)
+                gradient_checkpointing=args.gradient_checkpointing, device=device,
+                quantize=getattr(args, "quantize", None))
 
 
 def plan_from_args(args: Any) -> str:
     """The --dry_run report of train_sft: the plan for the device and precision the run would pick
     (recipes/precision.py), and the largest micro-batch within --memory_budget_gb."""
     cfg = load_model_config(args.pretrain)
-    device = pick_device(args.device)
-    precision = choose_precision(device, args.bf16)
+    target = getattr(args, "plan_for", "auto")
+    if target == "auto":
+        device = pick_device(args.device)
+        precision = choose_precision(device, args.bf16)
+        kind = "cpu" if device.type == "cpu" else "cuda"
+    else:
+        kind, precision = planned_precision(target, args.bf16)
+        device = target
     compute = precision.autocast_dtype or torch.float32
     kwargs = plan_kwargs_from_train_args(args, weight_dtype=precision.weight_dtype, compute_dtype=compute,
-                                         device="cpu" if device.type == "cpu" else "cuda")
+                                         device=kind)
     plan = estimate_peak_memory(cfg, **kwargs)
     budget = int(args.memory_budget_gb * GiB)
     largest = largest_micro_batch(budget, cfg, **kwargs)
-    head = f"device {device} ({precision.note}); base {args.pretrain}"
+    quantized = f", {args.quantize} base" if getattr(args, "quantize", None) else ""
+    head = f"device {device} ({precision.note}{quantized}); base {args.pretrain}"
     return head + "\n" + format_plan(plan, budget, largest)
 
 
@@ -108,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compute_dtype", default=None, choices=sorted(DTYPES),
                     help="Compute (autocast) dtype when it differs from --dtype")
     ap.add_argument("--gradient_checkpointing", action="store_true", help="Recompute blocks in backward")
+    ap.add_argument("--quantize", choices=QUANT_KINDS, default=None,
+                    help="Frozen base stored quantized (nf4 or int8 block linears); --dtype is then the dtype "
+                         "of the rest and of the dequantized weights")
     ap.add_argument("--logits_tokens", type=int, default=None,
                     help="Positions with logits per micro-batch (default: micro_batch x max_len)")
     ap.add_argument("--memory_budget_gb", type=float, default=15.0, help="Budget in GiB for the largest micro-batch")
@@ -122,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                   compress_rate=args.compress_rate, generation_top_k=args.generation_top_k, lora_r=args.lora_rank,
                   lora_targets=args.target_modules, lora_dropout=args.lora_dropout, weight_dtype=args.dtype,
                   compute_dtype=args.compute_dtype or args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                  quantize=args.quantize,
                   n_docs_per_example=args.n_docs, logits_tokens=args.logits_tokens)
     plan = estimate_peak_memory(cfg, micro_batch=args.micro_batch, **kwargs)
     budget = int(args.memory_budget_gb * GiB)

@@ -72,6 +72,24 @@ def choose_precision(device: torch.device, bf16: bool) -> Precision:
     return Precision("bf16", torch.bfloat16, torch.float32, False, f"bf16 autocast on {device.type}")
 
 
+# Devices a --dry_run can plan for, wherever it runs (recipes/planner.py plan_from_args).
+PLAN_TARGETS = ("auto", "cpu", "t4", "sm80")
+
+
+def planned_precision(target: str, bf16: bool) -> tuple[str, Precision]:
+    """("cuda" | "cpu", Precision) that a run with --bf16 `bf16` gets on a `target` device (not "auto")."""
+    if target == "cpu":
+        return "cpu", choose_precision(torch.device("cpu"), bf16)
+    if target not in ("t4", "sm80"):
+        raise ValueError(f"plan target must be one of {', '.join(PLAN_TARGETS[1:])}, got {target!r}")
+    if not bf16:
+        return "cuda", Precision("fp32", None, torch.float32, False, f"planned for {target}: fp32")
+    if target == "t4":
+        return "cuda", Precision("fp16", torch.float16, torch.float16, True,
+                                 "planned for a T4 (sm75): fp16 autocast with dynamic loss scaling")
+    return "cuda", Precision("bf16", torch.bfloat16, torch.bfloat16, False, "planned for sm80+: bf16 autocast")
+
+
 def flash_attention_note(device: torch.device, dtype: torch.dtype | None) -> str:
     """What `--flash_attn` ends up using, for the log."""
     from clara.kernels.attention import _flash_attn_module

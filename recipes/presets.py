@@ -27,12 +27,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
         "bos_token_id": 50256, "eos_token_id": 50256,
     },
+    "mistral-7b": {  # mistralai/Mistral-7B-Instruct-v0.2, the base of Apple's CLaRa-7B models
+        "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "sliding_window": None,
+        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    },
 }
 
 # Hub ids whose architecture a preset or an embedded model already describes (planned without the
 # cache). SmolLM2-135M and its Instruct version share one architecture.
 HUB_PRESETS: dict[str, str] = {
     "microsoft/phi-2": "phi-2",
+    "mistralai/Mistral-7B-Instruct-v0.2": "mistral-7b",
     "HuggingFaceTB/SmolLM2-135M": "smollm2-135m",
     **{model.hub_id: alias for alias, model in EMBEDDED_MODELS.items()},
 }

@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int
     # precision, devices, memory
     bf16: bool
+    quantize: str | None
     gradient_checkpointing: bool
     flash_attn: bool
     zero_stage: int
@@ -64,6 +65,7 @@ class TrainConfig:
     device: str
     dry_run: bool
     memory_budget_gb: float
+    plan_for: str
     # run folder, checkpoints, logging
     save_path: str
     save_steps: int

@@ -19,6 +19,7 @@ from clara.lora import (
 )
 from clara.base_config import gguf_config
 from clara.gguf_file import read_gguf
+from clara.quant import quantize_linear_layers, quantized_layers
 from clara.sources import SourceError, embedded_model_path
 from clara.stages import STAGES
 from clara.recipes.args import parse_args
@@ -30,6 +31,7 @@ from clara.recipes.planner import (
     adapters_for_stage,
     base_parameter_count,
     estimate_peak_memory,
+    frozen_weight_bytes,
     format_plan,
     largest_micro_batch,
     load_model_config,
@@ -68,6 +70,18 @@ def test_presets_match_their_sources():
     phi2 = preset_config("phi-2")
     assert base_parameter_count(phi2) == 2_779_683_840  # phi-2 (model card: 2.7B parameters)
     assert (phi2.rotary_dim, phi2.norm, phi2.mlp, phi2.parallel_residual) == (32, "layernorm", "gelu", True)
+    mistral = preset_config("mistral-7b")
+    assert base_parameter_count(mistral) == 7_241_732_096  # Mistral-7B-v0.2 (transformers' num_parameters)
+    assert load_model_config("mistralai/Mistral-7B-Instruct-v0.2") == mistral
+    # Quantized: the 6.98e9 block-linear weights at NF4's 4 + 8/64 + 32/(64*256) bits (+ one fp32
+    # offset per matrix) or int8's 8 bits + one fp32 scale a row; the other 262e6 stay 2 bytes.
+    linears = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    rest = (7_241_732_096 - linears) * 2
+    scale_groups = 2 * (4096 * 4096 // 64 // 256) + 2 * (4096 * 1024 // 64 // 256) + 3 * (4096 * 14336 // 64 // 256)
+    nf4 = linears // 2 + linears // 64 + 32 * scale_groups * 4 + 32 * 7 * 4
+    assert frozen_weight_bytes(mistral, 2, "nf4") == rest + nf4
+    rows = 4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096  # q k v o gate up down
+    assert frozen_weight_bytes(mistral, 2, "int8") == rest + linears + 32 * rows * 4
     try:
         gguf = embedded_model_path("smollm2-135m")
     except SourceError as e:  # the embedded model is an optional package
@@ -142,8 +156,9 @@ def stage1_like_step(model: Decoder, batch: int, doc_max_length: int, compress_r
 
 
 
-@pytest.mark.parametrize("checkpointing, dropout", [(False, 0.0), (False, 0.1), (True, 0.1)])
-def test_estimate_within_15_percent_of_measured_cpu_peak(checkpointing, dropout, one_thread):
+@pytest.mark.parametrize("checkpointing, dropout, quantize", [
+    (False, 0.0, None), (False, 0.1, None), (True, 0.1, None), (False, 0.1, "nf4"), (True, 0.1, "nf4"), (True, 0.1, "int8")])
+def test_estimate_within_15_percent_of_measured_cpu_peak(checkpointing, dropout, quantize, one_thread):
     over = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512)
     batch, doc, rate, max_len, r = 2, 64, 8, 192, 4
@@ -152,6 +167,8 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(checkpointing, dropout,
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
+    if quantize:
+        quantize_linear_layers(model, quantize)
     apply_lora(model, ADAPTERS, r, 2 * r, dropout)
     mark_only_adapters_trainable(model, ADAPTERS)
     model.set_gradient_checkpointing(checkpointing)
@@ -166,14 +183,20 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(checkpointing, dropout,
 
     step()  # the first step creates AdamW's states; measure a steady-state step
     live_before = sum(p.numel() * p.element_size() for p in model.parameters())
+    live_before += sum(b.numel() * b.element_size()
+                       for layer in quantized_layers(model).values() for b in layer.buffers())
     live_before += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
     measured = live_before + measured_peak_bytes(step)
 
     plan = estimate_peak_memory(model.config, stage="stage1", micro_batch=batch, max_len=max_len, doc_max_length=doc,
                                 compress_rate=rate, lora_r=r, lora_dropout=dropout, weight_dtype="fp32",
-                                compute_dtype="fp32", gradient_checkpointing=checkpointing, device="cpu")
+                                compute_dtype="fp32", gradient_checkpointing=checkpointing, device="cpu",
+                                quantize=quantize)
     print(f"estimate {plan.total} measured {measured} ({plan.total / measured - 1:+.1%})")
-    assert abs(plan.total - measured) / measured < 0.15, format_plan(plan) + f"\nmeasured {measured}"
+    # A quantized base's dequantized weight and the composed adapters' input copies are counted as
+    # upper bounds: on this tiny shape the plan then runs up to 16 % high (measured), never low.
+    tolerance = 0.15 if quantize is None else 0.20
+    assert abs(plan.total - measured) / measured < tolerance, format_plan(plan) + f"\nmeasured {measured}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +281,7 @@ def test_cli_prints_the_plan(capsys, tmp_path):
     assert main(["--model", str(tmp_path / "none.json")]) == 2
     assert capsys.readouterr().err == (f"clara-plan: error: {tmp_path / 'none.json'}: no such file or folder, not a hub repo id "
                                        "like 'org/name', and not a model alias (smollm2-135m); planner presets: "
-                                       "phi-2, smollm2-135m\n")
+                                       "phi-2, mistral-7b, smollm2-135m\n")
     bad = tmp_path / "config.json"
     bad.write_text('{"model_type": "phi",\n "vocab_size": }')
     assert main(["--model", str(tmp_path)]) == 2
@@ -269,7 +292,7 @@ def test_cli_prints_the_plan(capsys, tmp_path):
     assert main(["--model", str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err == f"clara-plan: error: {tmp_path / 'empty'}: a folder without config.json (nor clara.json)\n"
     # presets written here only for models with no local source; the embedded one reads its own header
-    assert set(PRESETS) == {"phi-2"} and PRESET_NAMES == ("phi-2", "smollm2-135m")
+    assert set(PRESETS) == {"phi-2", "mistral-7b"} and PRESET_NAMES == ("phi-2", "mistral-7b", "smollm2-135m")
     assert math.isclose(PRESETS["phi-2"]["partial_rotary_factor"], 0.4)
     assert main(["--model", "phi-2", "--stage", "stage2_pretrain_retrieval"]) == 0
     assert re.search(r"generator activations +0\.0 MiB +0 tokens", capsys.readouterr().out)

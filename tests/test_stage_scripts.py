@@ -4,6 +4,7 @@ trained on the tiny random base; the shipped configs parse; `clara-data restate`
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,8 @@ def test_bad_configs_are_refused_naming_the_file_and_field(tmp_path, content, me
 
 def test_every_shipped_config_parses_as_its_stage():
     shipped = sorted(CONFIG_DIR.glob("*/*.toml"))
-    assert {p.parent.name for p in shipped} == {"smollm2-cpu", "phi2-t4", "mistral7b-h100"}
-    assert len(shipped) == 13
+    assert {p.parent.name for p in shipped} == {"smollm2-cpu", "phi2-t4", "mistral7b-h100", "mistral7b-t4"}
+    assert len(shipped) == 16
     stages = {"stage1": "stage1", "stage1_2": "stage1_2", "stage2": "stage2",
               "stage2_retrieval": "stage2_pretrain_retrieval"}
     for path in shipped:
@@ -99,6 +100,41 @@ def test_every_shipped_config_parses_as_its_stage():
     assert (paper.learning_rate, paper.train_batch_size, paper.mse_loss) == (1e-4, 128, True)
     assert load_stage_config("stage2", ["mistral7b-h100"]).learning_rate == 5e-6
     assert load_stage_config("stage2", ["mistral7b-h100"]).train_batch_size == 32
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage1_2", "stage2"])
+def test_the_t4_configs_plan_mistral_7b_on_an_nf4_base_within_15_gib(stage, capsys):
+    # Planned for a T4 wherever the test runs (plan_for = "t4"); the later stages' pretrain is a run
+    # folder, so the base is named for the plan.
+    extra = [] if stage == "stage1" else ["--pretrain", "mistralai/Mistral-7B-Instruct-v0.2"]
+    config = load_stage_config(stage, ["mistral7b-t4", *extra])
+    assert (config.quantize, config.bf16, config.gradient_checkpointing, config.plan_for) == ("nf4", True, True, "t4")
+    assert (config.compress_rate, config.doc_max_length) == (32, 256)
+    assert SCRIPTS[stage].main(["mistral7b-t4", "--dry_run", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "planned for a T4 (sm75): fp16 autocast with dynamic loss scaling, nf4 base" in out
+    peak = float(re.search(r"estimated peak +([\d.]+) GiB", out).group(1))
+    largest = int(re.search(r"largest micro-batch within the budget: (\d+)", out).group(1))
+    assert peak <= 15.0 and "budget 15.00 GiB: fits" in out
+    assert 1 <= config.micro_train_batch_size <= largest
+
+
+def test_a_stage_trains_on_a_quantized_base_and_its_checkpoint_loads_unquantized(tiny_base_dir, stage_files, tmp_path):
+    from clara import Clara
+    from clara.quant import quantized_layers
+
+    config = tmp_path / "stage1.toml"
+    config.write_text(toml({**tiny_config(tiny_base_dir, stage_files, "stage1", tmp_path / "run"), "quantize": "nf4"}))
+    assert stage1.main([str(config)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 100 for r in rows)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["flags"]["quantize"] == "nf4"
+    # Adapters and memory rows do not depend on how the base was stored: the same checkpoint loads
+    # on the unquantized base and on a quantized one.
+    plain = Clara.from_pretrained(tmp_path / "run")
+    assert not quantized_layers(plain.decoder)
+    quantized = Clara.from_pretrained(tmp_path / "run", quantize="int8")
+    assert len(quantized_layers(quantized.decoder)) == 2 * 7
 
 
 def test_restate_adds_one_row_per_distinct_document(tmp_path):
