@@ -8,7 +8,8 @@ A checkpoint directory holds
                             added token's row of the input embedding) and, for an untied head,
                             "lm_head_rows" (+ "lm_head_bias_rows")
 The base weights are not copied: `load_clara` loads the recorded base and refuses one whose
-architecture or weights differ from the one the checkpoint was trained on.
+architecture or weights differ from the one the checkpoint was trained on. It also takes a hub
+checkpoint's name or an official CLaRa checkpoint, converted once (resolve_checkpoint).
 
 Writes are atomic per file: everything goes to a temporary sibling directory; a new folder is that
 directory renamed into place, an existing one gets each file renamed over its old version (its
@@ -17,9 +18,11 @@ other files are left alone), and the sha256s in clara.json refuse a mix of old a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,8 +33,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clara import official_format
 from clara.files import current_umask, sha256_file
 from clara.config import ClaraConfig, ConfigError, DecoderConfig
+from clara.errors import CheckpointError
+from clara.hub_checkpoints import (
+    download_hub_checkpoint,
+    hub_conversion_dir,
+    is_official_folder,
+    local_conversion_dir,
+    names_official_or_hub_checkpoint,
+    parse_hub_checkpoint,
+)
 from clara.prompts import PLAIN_TEXTS, PromptTexts
 from clara.lora import add_adapter, adapter_state_dict, load_adapter_state_dict
 from clara.stages import get_stage
@@ -40,15 +53,12 @@ from clara.weights import load_base
 if TYPE_CHECKING:
     from clara.model import Clara
 
+log = logging.getLogger(__name__)
+
 FORMAT = "clara-rag-checkpoint/1"
 CONFIG_FILE = "clara.json"
 ADAPTERS_FILE = "adapters.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (a Clara model folder, or a training run's step checkpoint) that cannot be used;
-    the message names the file and what is wrong. The one error class of every checkpoint reader."""
 
 
 def base_fingerprint(config: DecoderConfig, tokenizer_size: int) -> str:
@@ -182,6 +192,66 @@ def find_clara_checkpoint(name: str | os.PathLike | None) -> Path | None:
     return None
 
 
+def names_clara_checkpoint(name: str | os.PathLike | None) -> bool:
+    """Whether `name` means a trained Clara rather than a base model: a checkpoint or run folder, an
+    official CLaRa checkpoint folder, or a hub checkpoint written 'org/name:subfolder'. Downloads
+    nothing, reads no weights: commands use it to choose between from_pretrained and from_base."""
+    if not name:
+        return False
+    return find_clara_checkpoint(name) is not None or names_official_or_hub_checkpoint(name)
+
+
+def resolve_checkpoint(name: str | os.PathLike, subfolder: str | None = None, *, model_class: type["Clara"],
+                       **conversion) -> Path:
+    """The folder holding clara.json that `name` (+ subfolder) means; the one place names become
+    checkpoint folders.
+
+    A checkpoint or run folder is itself. A hub checkpoint ('org/name', 'org/name:subfolder') is
+    downloaded (clara.hub_checkpoints). An official CLaRa checkpoint, local or on the hub, is
+    converted once into a `model_class` and saved in the cache (converted_checkpoint); conversion:
+    base, base_model, dtype, device for that. A name that is none of these comes back as a path,
+    for read_checkpoint_meta to say what it lacks.
+    """
+    found = find_clara_checkpoint(name) if subfolder is None else None
+    if found is not None:
+        return found
+    path = Path(name).expanduser()
+    if path.exists():
+        folder = path / subfolder if subfolder else path
+        found = find_clara_checkpoint(folder)
+        if found is None and is_official_folder(folder):
+            return converted_checkpoint(folder, local_conversion_dir(folder, conversion["dtype"]), model_class,
+                                        **conversion)
+        return found or folder
+    hub = parse_hub_checkpoint(name, subfolder)
+    if hub is None:
+        return path
+    folder, commit = download_hub_checkpoint(hub)
+    if (folder / CONFIG_FILE).is_file():
+        return folder  # our own format, uploaded as it is
+    if not is_official_folder(folder):
+        hint = "" if hub.subfolder else f"; name the subfolder that holds it, as '{hub.repo_id}:SUBFOLDER'"
+        raise CheckpointError(f"{hub}: holds neither {CONFIG_FILE} (a Clara checkpoint) nor "
+                              f"{official_format.CONFIG_FILE} + {official_format.ADAPTERS_FILE} (an official CLaRa "
+                              f"checkpoint) at commit {commit}{hint}")
+    return converted_checkpoint(folder, hub_conversion_dir(hub, commit, conversion["dtype"]), model_class,
+                                **conversion)
+
+
+def converted_checkpoint(official_folder: Path, target: Path, model_class: type["Clara"], *, base: str | None,
+                         base_model, dtype: torch.dtype, device: str | torch.device) -> Path:
+    """`target`, holding the conversion of `official_folder`; made (and saved atomically) on first use."""
+    if (target / CONFIG_FILE).is_file():
+        return target
+    log.info("converting the official CLaRa checkpoint %s into %s (once)", official_folder, target)
+    # The conversion modifies the base in place; a given base stays untouched for the load that follows.
+    model = official_format.convert_official_checkpoint(
+        official_folder, model_class, base=base, base_model=None if base_model is None else copy.deepcopy(base_model),
+        dtype=dtype, device=device)
+    save_clara(model, target)
+    return target
+
+
 def read_checkpoint_meta(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
@@ -238,9 +308,12 @@ def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tenso
 def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str | None = None,
                training_stage: str | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", base_model=None,
-               settings: dict[str, Any] | None = None) -> "Clara":
+               settings: dict[str, Any] | None = None, subfolder: str | None = None) -> "Clara":
     """Load a checkpoint written by save_clara as a `model_class` (Clara.from_pretrained passes its class).
 
+    path: a checkpoint or run folder, an official CLaRa checkpoint folder, or a hub repo id
+        ("apple/CLaRa-7B-Instruct:compression-16"); see resolve_checkpoint.
+    subfolder: the folder inside `path` (a hub repo or a local folder) that holds the checkpoint.
     base: where to load the base from, when it moved (default: the name recorded at save time).
     base_model: an already loaded (decoder, tokenizer) pair to use instead (tests, custom bases).
     training_stage: continue training in another stage. As the official release: stage1_2 keeps the
@@ -249,7 +322,8 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     settings: ClaraConfig fields to use instead of the saved ones, e.g. a training run's
         generation_top_k; the model is built with them, not patched afterwards.
     """
-    path = find_clara_checkpoint(path) or Path(path)
+    path = resolve_checkpoint(path, subfolder, model_class=model_class, base=base, base_model=base_model,
+                              dtype=dtype, device=device)
     meta = read_checkpoint_meta(path)
     config = read_checkpoint_config(path, meta)
     saved_stage = config.training_stage

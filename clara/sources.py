@@ -83,16 +83,34 @@ def looks_like_repo_id(name: str) -> bool:
     return _REPO_ID.fullmatch(name) is not None and not name.startswith((".", "/", "~"))
 
 
-def download_from_hub(repo_id: str, files: Sequence[str] = MODEL_FILES) -> Path:
-    """The snapshot folder of `repo_id` after downloading `files` (glob patterns) into the cache."""
+def snapshot_from_hub(repo_id: str, files: Sequence[str]) -> Path:
+    """The snapshot folder (.../snapshots/<commit>) of `repo_id` after downloading `files` (glob
+    patterns) into the Hugging Face cache; offline (HF_HUB_OFFLINE=1, or no network) the cached
+    snapshot of the branch main. Raises huggingface_hub's error when neither has it."""
     from huggingface_hub import snapshot_download  # imported only when a hub id is resolved
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(files)))
+    except Exception as first:  # noqa: BLE001 - any failure to reach the hub gets the cache's answer
+        # snapshot_download falls back on the cache itself when the hub is unreachable, but not for
+        # every failure (a proxy or SSL error): those get one more try from the cache alone.
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=list(files), local_files_only=True))
+        except Exception:  # noqa: BLE001 - the first error says why better than "not in the cache"
+            raise first from None
+
+
+def error_line(error: BaseException) -> str:
+    """An error as "Type: first line of its message"."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def download_from_hub(repo_id: str, files: Sequence[str] = MODEL_FILES) -> Path:
+    """The snapshot folder of `repo_id` after downloading `files` (glob patterns) into the cache."""
+    try:
+        return snapshot_from_hub(repo_id, files)
     except Exception as e:  # network, auth, offline mode, unknown repo: one line either way
-        detail = str(e).splitlines()[0] if str(e) else ""
-        raise SourceError(f"{repo_id}: not a local path, and the hub download failed: "
-                          f"{type(e).__name__}: {detail}") from None
+        raise SourceError(f"{repo_id}: not a local path, and the hub download failed: {error_line(e)}") from None
 
 
 def cached_from_hub(repo_id: str, filename: str = "config.json") -> Path:

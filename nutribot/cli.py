@@ -32,7 +32,8 @@ def _add_model_flags(parser) -> None:
                              "documents.jsonl is read as a knowledge base in our format (default: the built-in "
                              "nutrition knowledge base)")
     parser.add_argument("--checkpoint", default=None,
-                        help=f"Clara checkpoint folder, or a base model name for an untrained Clara "
+                        help=f"Clara checkpoint folder, a hub checkpoint 'org/name:subfolder' (e.g. "
+                             f"apple/CLaRa-7B-E2E:compression-16), or a base model name for an untrained Clara "
                              f"(default: {default_checkpoint()})")
     parser.add_argument("--mode", choices=MODES, default="clara",
                         help="clara: documents compressed into memory, retrieved by the query reasoner; text: "

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara import Clara, MemoryIndex
+from clara.checkpoint import names_clara_checkpoint
 from clara.data.bm25 import BM25Index, top_indices
 from clara.lora import copy_adapter, lora_layers
 from clara.model import ENCODER, QUERY
@@ -92,10 +93,10 @@ class Reply:
 
 
 def load_model(checkpoint: str | os.PathLike, device: str = "cpu") -> Clara:
-    """A Clara checkpoint folder (or training run), else a base model: an untrained Clara."""
-    path = Path(checkpoint)
-    if (path / "clara.json").is_file() or (path / "final" / "clara.json").is_file():
-        return Clara.from_pretrained(path, device=device)
+    """A Clara checkpoint (a folder, a training run, an official CLaRa checkpoint, or a hub checkpoint
+    'org/name:subfolder'), else a base model: an untrained Clara."""
+    if names_clara_checkpoint(checkpoint):
+        return Clara.from_pretrained(checkpoint, device=device)
     return Clara.from_base(str(checkpoint), device=device)
 
 

@@ -21,9 +21,11 @@ are exact whatever --generation_top_k is; the answer is generated from the first
 ranking, which is what `Clara.generate_from_questions` does (the hard top-k selects the same
 documents in the same order).
 
---model is a Clara checkpoint folder (it holds clara.json) or a base model (`smollm2-135m`, a
-Hugging Face folder, a hub id, a .gguf file): a base model gets a fresh, untrained Clara (random
-adapters, seeded by --seed), which the output says; its scores are a floor, near zero.
+--model is a Clara checkpoint folder (it holds clara.json), an official CLaRa checkpoint folder, a
+hub checkpoint written 'org/name:subfolder' (apple/CLaRa-7B-Instruct:compression-16, converted
+once and cached), or a base model (`smollm2-135m`, a Hugging Face folder, a hub id, a .gguf file):
+a base model gets a fresh, untrained Clara (random adapters, seeded by --seed), which the output
+says; its scores are a floor, near zero.
 
 Writes, atomically: the predictions as JSONL (one row per prediction: row, id, prediction, gold,
 and for stage2 top_k, ranking, pos_index), PREFIX.metrics.json (the metrics and the settings
@@ -46,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from clara.command import CommandParser, command_main, fail, parse_device
-from clara.checkpoint import find_clara_checkpoint
+from clara.checkpoint import names_clara_checkpoint
 from clara.config import ClaraConfig
 from clara.memory_cache import DocumentMemoryCache
 from clara.model import Clara
@@ -88,8 +90,9 @@ def load_examples(path: str | Path, stage: str, top_k: int | None = None, max_sa
 
 
 def is_checkpoint(name: str | Path) -> bool:
-    """A Clara checkpoint folder, or a training run's folder (its final/ model)."""
-    return find_clara_checkpoint(name) is not None
+    """A Clara checkpoint folder, a training run's folder (its final/ model), an official CLaRa
+    checkpoint folder, or a hub checkpoint 'org/name:subfolder'."""
+    return names_clara_checkpoint(name)
 
 
 def load_model(name: str, stage: str, generation_top_k: int | None, dtype: torch.dtype = torch.float32,
@@ -302,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "references are decisions, and for stage2 recall@k / precision@k (k = 1, 3, 5) and MRR of "
                     "the query reasoner's ranking against pos_index. See the module docstring for details.")
     parser.add_argument("--model", required=True,
-                        help="a Clara checkpoint folder (with clara.json), a training run folder (its final/ is used), or a base model - 'smollm2-135m', a "
+                        help="a Clara checkpoint folder (with clara.json), a training run folder (its final/ is used), an "
+                             "official CLaRa checkpoint folder, a hub checkpoint 'org/name:subfolder' (e.g. "
+                             "apple/CLaRa-7B-Instruct:compression-16), or a base model - 'smollm2-135m', a "
                              "Hugging Face folder, a hub id or a .gguf file - which gets a fresh, UNTRAINED Clara "
                              "(random adapters; its scores are a floor)")
     parser.add_argument("--data", required=True, help="the stage JSONL file to evaluate on")
