@@ -239,7 +239,7 @@ def resolve_checkpoint(name: str | os.PathLike, subfolder: str | None = None, *,
 
 
 def converted_checkpoint(official_folder: Path, target: Path, model_class: type["Clara"], *, base: str | None,
-                         base_model, dtype: torch.dtype, device: str | torch.device) -> Path:
+                         base_model, dtype: torch.dtype, device: str | torch.device, quantize: str | None = None) -> Path:
     """`target`, holding the conversion of `official_folder`; made (and saved atomically) on first use."""
     if (target / CONFIG_FILE).is_file():
         return target
@@ -247,7 +247,7 @@ def converted_checkpoint(official_folder: Path, target: Path, model_class: type[
     # The conversion modifies the base in place; a given base stays untouched for the load that follows.
     model = official_format.convert_official_checkpoint(
         official_folder, model_class, base=base, base_model=None if base_model is None else copy.deepcopy(base_model),
-        dtype=dtype, device=device)
+        dtype=dtype, device=device, quantize=quantize)  # a quantized base keeps a 7B conversion within a laptop's RAM
     save_clara(model, target)
     return target
 
@@ -308,7 +308,8 @@ def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tenso
 def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str | None = None,
                training_stage: str | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", base_model=None,
-               settings: dict[str, Any] | None = None, subfolder: str | None = None) -> "Clara":
+               settings: dict[str, Any] | None = None, subfolder: str | None = None,
+               quantize: str | None = None) -> "Clara":
     """Load a checkpoint written by save_clara as a `model_class` (Clara.from_pretrained passes its class).
 
     path: a checkpoint or run folder, an official CLaRa checkpoint folder, or a hub repo id
@@ -321,9 +322,11 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
         starts it from the encoder adapter.
     settings: ClaraConfig fields to use instead of the saved ones, e.g. a training run's
         generation_top_k; the model is built with them, not patched afterwards.
+    quantize: "nf4" or "int8" loads the base with its block weights quantized (clara/quant.py);
+        a checkpoint holds no base weights, so any checkpoint loads either way.
     """
     path = resolve_checkpoint(path, subfolder, model_class=model_class, base=base, base_model=base_model,
-                              dtype=dtype, device=device)
+                              dtype=dtype, device=device, quantize=quantize)
     meta = read_checkpoint_meta(path)
     config = read_checkpoint_config(path, meta)
     saved_stage = config.training_stage
@@ -334,7 +337,8 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     embeddings = _load_tensors(path / EMBEDDINGS_FILE, meta["sha256"].get(EMBEDDINGS_FILE))
 
     base_name = base or meta["base"]["name"]
-    decoder, tokenizer = base_model if base_model is not None else load_base(base_name, dtype=dtype, device=device)
+    decoder, tokenizer = base_model if base_model is not None else load_base(base_name, dtype=dtype, device=device,
+                                                                             quantize=quantize)
     fingerprint = base_fingerprint(decoder.config, len(tokenizer))
     if fingerprint != meta["base"]["fingerprint"]:
         raise CheckpointError(f"{path}: trained on base {meta['base']['name']!r} (config {meta['base']['fingerprint']}), "

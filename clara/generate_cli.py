@@ -22,6 +22,7 @@ from clara.generate import generate, prompt_ids
 from clara.model import QUERY, Clara
 from clara.sources import ALIASES
 from clara.tokenizer import StreamDecoder, Tokenizer
+from clara.quant import QUANT_KINDS
 from clara.weights import DTYPES, load_base
 
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: nondeterministic)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps (default cpu)")
+    p.add_argument("--quantize", choices=QUANT_KINDS, default=None,
+                   help="store the base's block weights nf4 or int8 (clara/quant.py): a 7B base in 4 or 8 GiB; "
+                        "int8 decodes fastest on CPU (default: not quantized)")
     return p
 
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 def continue_prompt(args: argparse.Namespace, device) -> int:
     """A base model: stream its continuation of the prompt (or its chat reply)."""
     t0 = time.perf_counter()
-    model, tokenizer = load_base(args.model, dtype=DTYPES[args.dtype], device=device)
+    model, tokenizer = load_base(args.model, dtype=DTYPES[args.dtype], device=device, quantize=args.quantize)
     print(f"[clara.generate] loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     ids = torch.tensor([prompt_ids(tokenizer, args.prompt, args.chat, args.system)], device=model.device)
@@ -126,7 +130,7 @@ def continue_prompt(args: argparse.Namespace, device) -> int:
 def answer_from_documents(args: argparse.Namespace, device) -> int:
     """A Clara checkpoint: stream its answer to the question from the compressed --doc documents."""
     t0 = time.perf_counter()
-    model = Clara.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=device)
+    model = Clara.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=device, quantize=args.quantize)
     print(f"[clara.generate] loaded {args.model} ({model.config.training_stage}, base {model.base_name}) in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
     emit, stream = token_printer(model.tokenizer)

@@ -39,15 +39,18 @@ __all__ = ["ADAPTERS_FILE", "CONFIG_FILE", "EMBEDDINGS_FILE", "OfficialCheckpoin
 
 
 def import_official_checkpoint(path: str | os.PathLike, *, base: str | None = None, base_model=None,
-                               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Clara:
+                               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                               quantize: str | None = None) -> Clara:
     """An official CLaRa checkpoint directory -> our Clara.
 
     base: the base model to load (default: config.json's decoder_model_name): a Hugging Face
         directory, hub id, GGUF file or `smollm2-135m`.
     base_model: an already loaded (decoder, tokenizer) pair instead (tests, custom bases); both are
         modified in place.
+    quantize: "nf4" or "int8" stores the base's block weights quantized (clara/quant.py).
     """
-    return convert_official_checkpoint(path, Clara, base=base, base_model=base_model, dtype=dtype, device=device)
+    return convert_official_checkpoint(path, Clara, base=base, base_model=base_model, dtype=dtype, device=device,
+                                       quantize=quantize)
 
 
 # ---------------------------------------------------------------------------------------------

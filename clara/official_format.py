@@ -304,7 +304,8 @@ def convert_adapter_state_dict(state: dict[str, torch.Tensor], model_type: str, 
 # Import
 # ---------------------------------------------------------------------------------------------
 def convert_official_checkpoint(path: str | os.PathLike, model_class, *, base: str | None = None, base_model=None,
-                                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                                quantize: str | None = None):
     """An official CLaRa checkpoint directory -> a `model_class` (Clara, or a subclass).
 
     base: the base model to load (default: config.json's decoder_model_name): a Hugging Face
@@ -344,7 +345,7 @@ def convert_official_checkpoint(path: str | os.PathLike, model_class, *, base: s
                                       "give the base model (--base)")
     else:
         try:
-            decoder, tokenizer = load_base(base_name, dtype=dtype, device=device)
+            decoder, tokenizer = load_base(base_name, dtype=dtype, device=device, quantize=quantize)
         except WeightsError as e:
             raise OfficialCheckpointError(f"base model {base_name!r} (from {path / CONFIG_FILE} or --base): "
                                           f"{e}") from None

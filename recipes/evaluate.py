@@ -53,6 +53,7 @@ from clara.config import ClaraConfig
 from clara.memory_cache import DocumentMemoryCache
 from clara.model import Clara
 from clara.stages import EVAL_STAGES, QUERY, get_stage
+from clara.quant import QUANT_KINDS
 from clara.weights import DTYPES
 from clara.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from clara.data.formats import Stage1Example, read_stage_file
@@ -96,16 +97,16 @@ def is_checkpoint(name: str | Path) -> bool:
 
 
 def load_model(name: str, stage: str, generation_top_k: int | None, dtype: torch.dtype = torch.float32,
-               device: str = "cpu", seed: int = 0):
+               device: str = "cpu", seed: int = 0, quantize: str | None = None):
     """(model, untrained): a saved Clara checkpoint, or a fresh Clara on a base model."""
     torch.manual_seed(seed)  # a fresh model's adapters are random; make them reproducible
     if is_checkpoint(name):
         # The checkpoint's own stage is kept: asking for another would start fresh adapters.
-        return Clara.from_pretrained(name, dtype=dtype, device=device), False
+        return Clara.from_pretrained(name, dtype=dtype, device=device, quantize=quantize), False
     config = ClaraConfig(training_stage=stage)
     if generation_top_k is not None:
         config.generation_top_k = generation_top_k
-    return Clara.from_base(name, config, dtype=dtype, device=device), True
+    return Clara.from_base(name, config, dtype=dtype, device=device, quantize=quantize), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "text, and the share of the full text's gain the memory keeps (retained); stage1 QA "
                              "rows and stage1_2 rows (clara.recipes.nll)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
+    parser.add_argument("--quantize", choices=QUANT_KINDS, default=None,
+                        help="store the base's block weights nf4 or int8 (clara/quant.py); int8 answers fastest on CPU")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     return parser
 
@@ -362,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     examples = load_examples(args.data, args.stage, args.generation_top_k, args.max_samples)
     device = parse_device(args.device)
     started = time.perf_counter()
-    model, untrained = load_model(args.model, args.stage, args.generation_top_k, DTYPES[args.dtype], device, args.seed)
+    model, untrained = load_model(args.model, args.stage, args.generation_top_k, DTYPES[args.dtype], device, args.seed,
+                                  args.quantize)
     load_seconds = time.perf_counter() - started
     kind = "a fresh, UNTRAINED Clara on base" if untrained else "Clara checkpoint"
     print(f"[clara.recipes.evaluate] {kind} {args.model} loaded in {load_seconds:.1f}s; {len(examples)} {args.stage} "

@@ -236,3 +236,22 @@ def test_clara_eval_and_nutribot_load_the_hub_checkpoint(hub, monkeypatch):
     conversions = count_conversions(monkeypatch)
     assert nutribot_load_model(name).config.training_stage == "stage1_2"
     assert conversions == []
+
+
+def test_a_hub_checkpoint_answers_on_an_int8_base_as_on_the_unquantized_one(hub, capsys):
+    from clara.quant import quantized_layers
+
+    plain = Clara.from_pretrained(f"{CLARA_REPO}:{SUBFOLDER}")
+    quantized = Clara.from_pretrained(f"{CLARA_REPO}:{SUBFOLDER}", quantize="int8")
+    assert not quantized_layers(plain.decoder) and len(quantized_layers(quantized.decoder)) == 2 * 7
+    # The conversion does not depend on how the base is stored: one converted folder serves both.
+    assert [p.name for p in (hub["clara_cache"] / "converted" / "tiny--clara" / SUBFOLDER / hub["commit"]).iterdir()] \
+        == ["float32"]
+    answers, ids, memory = greedy(quantized)
+    plain_answers, plain_ids, plain_memory = greedy(plain)
+    assert len(ids) == 6 and ids == plain_ids  # int8's error (under 1 % of the logits) leaves greedy choices alone
+    assert ((memory - plain_memory).norm() / plain_memory.norm()).item() < 0.05  # measured 0.019
+    argv = ["--model", f"{CLARA_REPO}:{SUBFOLDER}", "--prompt", QUESTION, "--max_new_tokens", "6", "--doc", DOCS[0],
+            "--doc", DOCS[1], "--quantize", "int8"]
+    assert generate_main(argv) == 0
+    assert capsys.readouterr().out.strip() == answers[0]
