@@ -37,7 +37,14 @@ import torch
 from tqdm.auto import tqdm
 
 from clara.data.metrics import answer_scores
-from clara.checkpoint import CheckpointError, find_clara_checkpoint, load_trained_weights, read_checkpoint_config
+from clara.checkpoint import (
+    CheckpointError,
+    find_clara_checkpoint,
+    load_trained_weights,
+    names_clara_checkpoint,
+    read_checkpoint_config,
+    resolve_checkpoint,
+)
 from clara.config import ClaraConfig
 from clara.files import read_json
 from clara.stages import get_stage
@@ -112,11 +119,18 @@ def lora_targets(args: TrainConfig) -> str | tuple[str, ...]:
 
 
 def start_checkpoint(args: TrainConfig) -> Path | None:
-    """The Clara checkpoint the run starts from (--pretrain_checkpoint, or --pretrain naming one)."""
+    """The Clara checkpoint the run starts from (--pretrain_checkpoint, or --pretrain naming one):
+    a checkpoint or run folder, or an official CLaRa checkpoint, local or on the hub
+    ("apple/CLaRa-7B-Instruct:compression-16"), converted once into the cache (clara.checkpoint)."""
     checkpoint = find_clara_checkpoint(args.pretrain_checkpoint) or find_clara_checkpoint(args.pretrain)
     if args.pretrain_checkpoint and checkpoint is None:
         raise CheckpointError(f"--pretrain_checkpoint {args.pretrain_checkpoint}: not a Clara checkpoint "
                               "(no clara.json in it or in its final/)")
+    if checkpoint is None and names_clara_checkpoint(args.pretrain):
+        # Converted in bf16 (the official files' own precision) on a quantized base when the run
+        # asks for one: a 7B conversion then fits where the run fits.
+        checkpoint = resolve_checkpoint(args.pretrain, model_class=Clara, base=None, base_model=None,
+                                        dtype=torch.bfloat16, device="cpu", quantize=args.quantize)
     return checkpoint
 
 

@@ -255,3 +255,19 @@ def test_a_hub_checkpoint_answers_on_an_int8_base_as_on_the_unquantized_one(hub,
             "--doc", DOCS[1], "--quantize", "int8"]
     assert generate_main(argv) == 0
     assert capsys.readouterr().out.strip() == answers[0]
+
+
+def test_training_starts_from_a_hub_checkpoint(hub, stage_files, tmp_path):
+    from clara.recipes import stage1_2
+
+    released = Clara.from_pretrained(f"{CLARA_REPO}:{SUBFOLDER}").config  # the shapes the run must keep
+    config = tmp_path / "stage1_2.toml"
+    config.write_text("\n".join([
+        f'pretrain = "{CLARA_REPO}:{SUBFOLDER}"', f'dataset = "{stage_files["stage1_2"]}"',
+        f"compress_rate = {released.compress_rate}", f"doc_max_length = {released.doc_max_length}",
+        f"lora_rank = {released.lora_r}", "generation_top_k = 2", "max_len = 256", "train_batch_size = 2",
+        "micro_train_batch_size = 2", "max_steps = 1", "learning_rate = 1e-3", f'save_path = "{tmp_path / "run"}"',
+        'quantize = "int8"', ""]))
+    assert stage1_2.main([str(config)]) == 0
+    trained = Clara.from_pretrained(tmp_path / "run")
+    assert trained.base_name == BASE_REPO and trained.config.training_stage == "stage1_2"
