@@ -157,18 +157,27 @@ def test_backward_keeps_no_dequantized_weight():
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(4, 128), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_without_grad_matches_the_dequantized_multiply(dtype):
+@pytest.mark.parametrize("dtype, rows", [(torch.bfloat16, 1), (torch.bfloat16, 8), (torch.bfloat16, 9),
+                                         (torch.float32, 1)])
+def test_int8_without_grad_matches_the_dequantized_multiply(dtype, rows):
+    from clara.kernels import dequant_linear as module
+
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48).to(dtype)
     layer = QuantizedLinear.from_linear(linear, "int8")
-    x = torch.randn(2, 3, 64, dtype=dtype)
+    x = torch.randn(rows, 64, dtype=dtype)
+    slow = dequant_linear(x, layer.dequantize, layer.bias).detach()  # the path a gradient takes
     with torch.no_grad():
         fast = layer(x)
-    slow = dequant_linear(x, layer.dequantize, layer.bias)  # the path a gradient takes
-    assert fast.dtype == dtype and fast.shape == (2, 3, 48)
+        by_kernel = module.int8_linear_without_grad(x, layer.codes, layer.scales, layer.bias)
+    assert fast.dtype == dtype and fast.shape == (rows, 48)
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(fast, slow.detach(), **tolerance)
+    torch.testing.assert_close(fast, slow, **tolerance)
+    # The int8 kernel only for bf16 decoding-sized products (where it is faster), where this torch has it.
+    expected = dtype == torch.bfloat16 and rows <= module.INT8_KERNEL_MAX_ROWS and module._int8_kernel_available()
+    assert (by_kernel is not None) == expected
+    if expected:
+        torch.testing.assert_close(by_kernel, fast, rtol=0, atol=0)  # what the layer ran
 
 
 def test_autocast_runs_the_multiply_in_the_autocast_dtype():
