@@ -50,21 +50,22 @@ GiB = 1024**3
 QUESTION_TOKENS = 40
 
 
-def random_quantized_decoder(cfg: DecoderConfig, kind: str, dtype: torch.dtype, seed: int = 0):
-    """A decoder of `cfg` whose block linears hold random `kind` codes and scales, the rest random `dtype`."""
+def random_quantized_decoder(cfg: DecoderConfig, kind: str, dtype: torch.dtype, seed: int = 0, device="cpu"):
+    """A decoder of `cfg` whose block linears hold random `kind` codes and scales, the rest random
+    `dtype`, built tensor by tensor on `device` (no unquantized copy of the model ever exists)."""
     g = torch.Generator().manual_seed(seed)
     model = build_on_meta(cfg, kind, dtype)
     quantized = set(quantized_layers(model))
     for module_name, module in model.named_modules():
         if module_name in quantized:
             for name, buffer in module.named_buffers(recurse=False):
-                module.register_buffer(name, _random_code_tensor(name, buffer, kind, g, dtype))
+                module.register_buffer(name, _random_code_tensor(name, buffer, kind, g, dtype).to(device))
             continue
         for name, param in module.named_parameters(recurse=False):
             value = torch.randn(param.shape, generator=g, dtype=torch.float32).mul_(0.02).to(dtype)
             if "norm" in module_name:
                 value = torch.ones(param.shape, dtype=dtype)
-            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+            setattr(module, name, torch.nn.Parameter(value.to(device), requires_grad=False))
     return model.eval()
 
 

@@ -789,3 +789,53 @@ def test_decoder_speed_against_transformers(record_property):
     n = train_ids.numel()
     report(record_property, train_ours_tok_s=round(n / t_ours), train_ref_tok_s=round(n / t_ref),
            train_ratio=round(t_ref / t_ours, 3), ratio_meaning="transformers' time / ours (> 1: ours faster)")
+
+
+# ================================================================================================
+# Quantized base
+# ================================================================================================
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_base_on_cuda_matches_the_cpu_and_trains_under_fp16_loss_scaling(kind, record_property):
+    """The codes made on the GPU are the CPU's; a quantized tiny Mistral's logits on the GPU equal
+    the CPU's; LoRA trains on it under fp16 autocast with GradScaler and checkpointing (the T4 path)."""
+    from clara.lora import apply_lora, use_adapter
+    from clara.quant import QuantizedLinear, quantize_linear_layers, quantize_state
+    from tiny_models import conditioned_tiny_model
+
+    weight = torch.randn(96, 160)
+    on_cpu, on_gpu = quantize_state(weight, kind), quantize_state(weight.cuda(), kind)
+    for name in on_cpu:
+        torch.testing.assert_close(on_gpu[name].cpu(), on_cpu[name], rtol=1e-6, atol=1e-6)
+    layer = QuantizedLinear.from_weight(weight.cuda(), None, kind)
+    torch.testing.assert_close(layer.dequantize().cpu(), QuantizedLinear.from_weight(weight, None, kind).dequantize())
+
+    model = conditioned_tiny_model("mistral_window", seed=3)
+    quantize_linear_layers(model, kind)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cpu_logits = model(ids).logits
+        gpu_logits = model.cuda()(ids.cuda()).logits.cpu()
+    torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-4, atol=1e-4)
+
+    apply_lora(model, ["decoder_adapter"], r=4, alpha=8)
+    params = [p for n, p in model.named_parameters() if "adapters" in n]
+    for p in params:
+        p.requires_grad_(True)
+    model.set_gradient_checkpointing(True)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=3e-2)
+    scaler = torch.amp.GradScaler("cuda")
+    targets = ((torch.arange(16) * torch.tensor([[1], [2], [3], [5]])) % 101).cuda()
+    losses = []
+    with use_adapter(model, "decoder_adapter"):
+        for _ in range(20):
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = model(targets[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, 101), targets[:, 1:].reshape(-1))
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+    report(record_property, kind=kind, first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))
+    assert losses[-1] < 0.8 * losses[0]

@@ -31,24 +31,12 @@ from clara.quant import (
 )
 from clara.weights import WeightsError, load_base
 
-from tiny_models import FAMILY_CONFIGS, random_tiny_decoder
+from tiny_models import FAMILY_CONFIGS, conditioned_tiny_model, random_tiny_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 300))
 scales = st.sampled_from([1e-4, 0.02, 1.0, 30.0])
-
-
-def conditioned_tiny_model(family: str, seed: int) -> torch.nn.Module:
-    """A tiny random decoder with weights of std 0.05, norms at one and embeddings of std 0.3: its
-    logits are spread enough to learn from and to compare, and stable (no exploding activations)."""
-    model = random_tiny_decoder(FAMILY_CONFIGS[family], seed=seed, std=0.05)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.fill_(1.0)
-        model.embed_tokens.weight.mul_(6.0)
-    return model
 
 
 def _padded_blocks(w: torch.Tensor, n_blocks: int) -> torch.Tensor:

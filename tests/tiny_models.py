@@ -40,6 +40,18 @@ def random_tiny_decoder(overrides: dict, seed: int = 0, std: float = 0.3, max_po
     return model.eval()
 
 
+def conditioned_tiny_model(family: str, seed: int) -> Decoder:
+    """A tiny random decoder with weights of std 0.05, norms at one and embeddings of std 0.3: its
+    logits are spread enough to learn from and to compare, and stable (no exploding activations)."""
+    model = random_tiny_decoder(FAMILY_CONFIGS[family], seed=seed, std=0.05)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.fill_(1.0)
+        model.embed_tokens.weight.mul_(6.0)
+    return model
+
+
 def tiny_model(family: str, seed: int = 0) -> Decoder:
     # std 0.3 gives peaky logits: greedy choices are far from ties.
     return random_tiny_decoder(FAMILY_CONFIGS[family], seed, std=0.3)
