@@ -62,7 +62,7 @@ def random_quantized_decoder(cfg: DecoderConfig, kind: str, dtype: torch.dtype, 
                 module.register_buffer(name, _random_code_tensor(name, buffer, kind, g, dtype).to(device))
             continue
         for name, param in module.named_parameters(recurse=False):
-            value = torch.randn(param.shape, generator=g, dtype=torch.float32).mul_(0.02).to(dtype)
+            value = torch.randn(param.shape, generator=g, dtype=dtype).mul_(0.02)
             if "norm" in module_name:
                 value = torch.ones(param.shape, dtype=dtype)
             setattr(module, name, torch.nn.Parameter(value.to(device), requires_grad=False))
