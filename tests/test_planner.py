@@ -274,6 +274,21 @@ def test_dry_run_report_for_train_args():
     assert plan_from_args(SimpleNamespace(**vars(args))) == report
 
 
+@pytest.mark.parametrize("target, bf16, head, dtype", [
+    ("t4", True, "device t4 (planned for a T4 (sm75): fp16 autocast", "float16"),
+    ("sm80", True, "device sm80 (planned for sm80+: bf16 autocast", "bfloat16"),
+    ("t4", False, "device t4 (planned for t4: fp32", "float32"),
+    ("cpu", True, "device cpu (bf16 autocast on CPU", "bfloat16"),
+])
+def test_dry_run_plans_for_the_named_device_wherever_it_runs(target, bf16, head, dtype):
+    flags = ["--pretrain", "microsoft/phi-2", "--dataset", "d.jsonl", "--plan_for", target, "--quantize", "nf4",
+             "--micro_train_batch_size", "2", "--gradient_checkpointing"] + (["--bf16"] if bf16 else [])
+    report = plan_from_args(parse_args(flags))
+    assert report.startswith(head) and ", nf4 base); base microsoft/phi-2" in report.splitlines()[0]
+    assert f"weights {dtype} (nf4 base), compute {dtype}" in report
+    assert "dequantized weight" in report and "nf4 block linears" in report
+
+
 def test_cli_prints_the_plan(capsys, tmp_path):
     assert main(["--model", "phi-2", "--dtype", "fp16", "--gradient_checkpointing"]) == 0
     out = capsys.readouterr().out
