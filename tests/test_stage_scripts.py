@@ -82,7 +82,7 @@ def test_bad_configs_are_refused_naming_the_file_and_field(tmp_path, content, me
 def test_every_shipped_config_parses_as_its_stage():
     shipped = sorted(CONFIG_DIR.glob("*/*.toml"))
     assert {p.parent.name for p in shipped} == {"smollm2-cpu", "phi2-t4", "mistral7b-h100", "mistral7b-t4"}
-    assert len(shipped) == 16
+    assert len(shipped) == 17
     stages = {"stage1": "stage1", "stage1_2": "stage1_2", "stage2": "stage2",
               "stage2_retrieval": "stage2_pretrain_retrieval"}
     for path in shipped:
@@ -92,7 +92,7 @@ def test_every_shipped_config_parses_as_its_stage():
         assert config.stage == stage
         assert config.doc_max_length % config.compress_rate == 0
     chain = [load_stage_config(s, [str(CONFIG_DIR / "smollm2-cpu" / f"{name}.toml")]) for s, name in (
-        ("stage1", "stage1"), ("stage1", "stage1_joint"), ("stage1_2", "stage1_2"),
+        ("stage1", "stage1"), ("stage1", "stage1_joint"), ("stage1", "stage1_more"), ("stage1_2", "stage1_2"),
         ("stage2_pretrain_retrieval", "stage2_retrieval"), ("stage2", "stage2"))]
     for before, after in zip(chain, chain[1:]):  # each run of our checkpoint starts from the one before
         assert after.pretrain == before.save_path and after.compress_rate == before.compress_rate == 8
