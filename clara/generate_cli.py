@@ -21,6 +21,7 @@ from clara.command import CommandParser, command_main, fail, parse_device
 from clara.generate import generate, prompt_ids
 from clara.model import QUERY, Clara
 from clara.sources import ALIASES
+from clara.stages import get_stage
 from clara.tokenizer import StreamDecoder, Tokenizer
 from clara.quant import QUANT_KINDS
 from clara.weights import DTYPES, load_base
@@ -138,7 +139,7 @@ def answer_from_documents(args: argparse.Namespace, device) -> int:
                     seed=args.seed, on_token=emit)
     t1 = time.perf_counter()
     question, docs = [args.prompt], [list(args.doc)]
-    if model.config.training_stage == "stage1":  # compression pretraining: it restates the documents
+    if get_stage(model.config.training_stage).typed_rows:  # compression pretraining, on paraphrase rows: it restates
         model.generate_from_paraphrase(question, docs, **settings)
     elif QUERY in model.adapter_names:  # a stage-2 model picks the documents it reads
         k = min(model.config.generation_top_k, len(args.doc))
