@@ -20,7 +20,7 @@ import torch
 from clara.data.formats import read_stage_file
 from clara.stages import get_stage
 from clara.recipes.distributed import DistInfo
-from clara.recipes.loop import build_model, make_optimizer, train_step
+from clara.recipes.loop import build_model, make_optimizer, start_checkpoint, train_step
 from clara.recipes.planner import (estimate_peak_memory, load_model_config, plan_kwargs_from_train_args,
                                    profiled_peak_bytes)
 from clara.recipes.precision import choose_precision
@@ -41,7 +41,7 @@ def main() -> None:
     device = torch.device("cpu")
     precision = choose_precision(device, args.bf16)
     torch.manual_seed(args.seed)
-    model = build_model(args, precision, device)
+    model = build_model(args, precision, device, start_checkpoint(args))
     model.train()
     optimizer = make_optimizer(model, args)
     examples = read_stage_file(args.dataset, get_stage(args.stage).data_format)

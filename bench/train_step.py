@@ -83,7 +83,7 @@ from clara.kernels import cpu_has_native_bf16, linear, use_reference_kernels  # 
 from clara.kernels.masks import dropout_factor  # noqa: E402
 from clara.kernels.lora import lora_linear as kernel_lora_linear  # noqa: E402
 from clara.recipes.args import parse_args as parse_train_args  # noqa: E402
-from clara.recipes.loop import build_model, make_optimizer  # noqa: E402
+from clara.recipes.loop import build_model, make_optimizer, start_checkpoint  # noqa: E402
 from clara.recipes.precision import choose_precision  # noqa: E402
 
 DOC_TOKENS = 256
@@ -487,7 +487,7 @@ def run(dtype_name: str, repeats: int, with_profile: bool, ablate: list[str], pe
     args = train_args(dtype_name)
     precision = choose_precision(device, dtype_name == "bf16")
     torch.manual_seed(0)
-    model = build_model(args, precision, device)
+    model = build_model(args, precision, device, start_checkpoint(args))
     model.train()
     optimizer = make_optimizer(model, args)
 

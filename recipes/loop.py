@@ -134,10 +134,10 @@ def start_checkpoint(args: TrainConfig) -> Path | None:
     return checkpoint
 
 
-def check_flags_match_checkpoint(args: TrainConfig) -> None:
-    """A checkpoint to start from fixes the shapes of what it holds; a flag asking for another shape
-    is refused, where loading would silently keep the checkpoint's (and the run identity would lie)."""
-    checkpoint = start_checkpoint(args)
+def check_flags_match_checkpoint(args: TrainConfig, checkpoint: Path | None) -> None:
+    """A checkpoint to start from (start_checkpoint's) fixes the shapes of what it holds; a flag asking
+    for another shape is refused, where loading would silently keep the checkpoint's (and the run
+    identity would lie)."""
     if checkpoint is None:
         return
     config = read_checkpoint_config(checkpoint)
@@ -172,9 +172,9 @@ def check_prompts_fit(model: Clara, examples, max_len: int, source: str, n_longe
             raise ValueError(f"{source}: row {index + 1}: {reason}") from None
 
 
-def build_model(args: TrainConfig, precision, device) -> Clara:
+def build_model(args: TrainConfig, precision, device, checkpoint: Path | None) -> Clara:
+    """The run's model: from `checkpoint` (start_checkpoint's) where there is one, else fresh on the base."""
     stage = args.stage
-    checkpoint = start_checkpoint(args)
     if checkpoint is not None:
         base = args.pretrain if args.pretrain_checkpoint and not find_clara_checkpoint(args.pretrain) else None
         model = Clara.from_pretrained(checkpoint, base=base, training_stage=stage, dtype=precision.weight_dtype,
@@ -348,12 +348,14 @@ def train(args: TrainConfig) -> TrainResult:
         check_same_run(recorded, identity, str(save_path / RUN_FILE))
     doomed = check_run_folder(save_path, root, resuming=latest is not None, overwrite=args.overwrite,
                               resume_requested=args.load_checkpoint)
-    check_flags_match_checkpoint(args)
+    # Resolved once: for a hub checkpoint that is a download check (and, the first time, a conversion).
+    checkpoint = start_checkpoint(args)
+    check_flags_match_checkpoint(args, checkpoint)
 
     log.info("device %s, %s", device, precision.note)
     if args.flash_attn:
         log.info(flash_attention_note(device, precision.autocast_dtype))
-    model = build_model(args, precision, device)
+    model = build_model(args, precision, device, checkpoint)
     if not get_stage(args.stage).compressor_trained:
         model.memory_cache = DocumentMemoryCache()
         log.info("%s keeps the compressor frozen: each distinct document is compressed once (without "
