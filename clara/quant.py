@@ -52,7 +52,7 @@ _NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 
 # Quantizing and dequantizing are done this many values at a time, so that a large matrix needs
 # only a few chunk-sized temporaries rather than several copies of itself.
-DEQUANT_CHUNK = _CHUNK = 1 << 22
+CHUNK_VALUES = 1 << 22
 
 
 class QuantizationError(ValueError):
@@ -107,7 +107,7 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Tensor:
     n_padded = _ceil_to(flat.numel(), NF4_BLOCK)
     blocks = n_padded // NF4_BLOCK
     absmax = torch.empty(blocks, dtype=torch.float32, device=weight.device)
-    rows_per_chunk = max(1, _CHUNK // NF4_BLOCK)
+    rows_per_chunk = max(1, CHUNK_VALUES // NF4_BLOCK)
     for start in range(0, blocks, rows_per_chunk):
         absmax[start:start + rows_per_chunk] = _blocks(flat, start, rows_per_chunk, blocks).abs().amax(1)
     absmax_codes, absmax_scales, absmax_offset = _double_quantize(absmax)
@@ -151,7 +151,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     table = _nf4_pair_table(dtype, device)
     absmax = q.absmax().to(dtype)
     out = torch.empty(q.codes.numel() * 2, dtype=dtype, device=device)
-    step = _CHUNK // 2  # codes per chunk: a whole number of blocks
+    step = CHUNK_VALUES // 2  # codes per chunk: a whole number of blocks
     for start in range(0, q.codes.numel(), step):
         codes = q.codes[start:start + step]
         values = F.embedding(codes.int(), table).view(-1, NF4_BLOCK)  # embedding: the fastest lookup on CPU
@@ -188,7 +188,7 @@ def quantize_int8(weight: torch.Tensor) -> Int8Tensor:
     out_features = weight.shape[0]
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(out_features, dtype=torch.float32, device=weight.device)
-    rows = max(1, _CHUNK // max(1, weight.shape[1]))
+    rows = max(1, CHUNK_VALUES // max(1, weight.shape[1]))
     for start in range(0, out_features, rows):
         chunk = weight[start:start + rows].detach().float()
         scale = chunk.abs().amax(1) / 127

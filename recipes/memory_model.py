@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from clara.config import DecoderConfig
-from clara.quant import DEQUANT_CHUNK, check_quant_kind, quantized_bytes
+from clara.quant import CHUNK_VALUES, check_quant_kind, quantized_bytes
 from clara.stages import get_stage
 from clara.weights import DTYPES
 
@@ -149,7 +149,7 @@ def dequantized_weight_bytes(cfg: DecoderConfig, compute_bytes: int, quantize: s
     if quantize is None:
         return 0
     largest = max(i * o for _, i, o, _ in block_linears(cfg))
-    chunk = min(largest, DEQUANT_CHUNK) * (2 + compute_bytes) if quantize == "nf4" else 0  # int32 per pair + values
+    chunk = min(largest, CHUNK_VALUES) * (2 + compute_bytes) if quantize == "nf4" else 0  # int32 per pair + values
     return largest * compute_bytes + chunk
 
 
