@@ -226,6 +226,12 @@ def rope_attention_factor(cfg: DecoderConfig) -> float:
     return math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def in_decoder_blocks(module_name: str) -> bool:
+    """Whether a module lives inside the decoder's transformer blocks (`layers.<i>. ...`): the linear
+    layers that LoRA's "all-linear" adapts and quantization replaces, never embeddings or lm_head."""
+    return "layers" in module_name.split(".")[:-1]
+
+
 # =================================================================================================
 # CLaRa: compression, memory tokens, adapters, retrieval
 # =================================================================================================

@@ -53,6 +53,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from clara.config import in_decoder_blocks
 from clara.kernels import linear, lora_linear
 from clara.kernels.reference import lora_delta
 from clara.quant import QuantizedLinear
@@ -288,10 +289,9 @@ def _selections(layers: dict[str, LoRALinear]) -> list[AdapterSelection]:
 
 
 def _is_target(module_name: str, targets: Sequence[str]) -> bool:
-    parts = module_name.split(".")
-    if ALL_LINEAR in targets and "layers" in parts[:-1]:
+    if ALL_LINEAR in targets and in_decoder_blocks(module_name):
         return True
-    return parts[-1] in targets
+    return module_name.split(".")[-1] in targets
 
 
 def apply_lora(model: nn.Module, adapter_names: Iterable[str], r: int, alpha: float, dropout: float = 0.0,

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clara.config import in_decoder_blocks
 from clara.kernels.dequant_linear import dequant_linear, int8_linear_without_grad
 
 QUANT_KINDS = ("nf4", "int8")
@@ -299,11 +300,6 @@ def quantized_bytes(in_features: int, out_features: int, kind: str) -> int:
 # ------------------------------------------------------------------------------------------------
 # Whole models
 # ------------------------------------------------------------------------------------------------
-def is_quantizable(module_name: str) -> bool:
-    """The linear layers we quantize: those inside the transformer blocks (`layers.<i>. ...`)."""
-    return "layers" in module_name.split(".")[:-1]
-
-
 def quantize_linear_layers(model: nn.Module, kind: str, dtype: torch.dtype | None = None) -> list[str]:
     """Replace every nn.Linear inside the blocks of `model` by a QuantizedLinear, in place.
 
@@ -315,7 +311,7 @@ def quantize_linear_layers(model: nn.Module, kind: str, dtype: torch.dtype | Non
     check_quant_kind(kind)
     replaced = []
     for name, module in list(model.named_modules()):
-        if not (isinstance(module, nn.Linear) and is_quantizable(name)):
+        if not (isinstance(module, nn.Linear) and in_decoder_blocks(name)):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from clara.base_config import gguf_config, hf_config
-from clara.config import ConfigError, DecoderConfig
+from clara.config import ConfigError, DecoderConfig, in_decoder_blocks
 from clara.decoder import Decoder
 from clara.errors import InputError
 from clara.files import read_json
 from clara.gguf_file import GGUFFile, GGUFFormatError, read_gguf
-from clara.quant import QuantizationError, check_quant_kind, is_quantizable, quantize_linear_layers, quantize_state
+from clara.quant import QuantizationError, check_quant_kind, quantize_linear_layers, quantize_state
 from clara.sources import SourceError, embedded_model_path, resolve_source
 from clara.tokenizer import Tokenizer
 
@@ -160,7 +160,7 @@ def store_tensor(state: dict[str, torch.Tensor], name: str, tensor: torch.Tensor
                  device, quantize: str | None = None) -> None:
     """state[name] = tensor in `dtype` on `device`; or, with `quantize`, a block linear's weight as
     its quantized buffers, quantized as it is read so the unquantized model never exists at once."""
-    if quantize is not None and tensor.dim() == 2 and is_quantizable(name):
+    if quantize is not None and tensor.dim() == 2 and in_decoder_blocks(name):
         prefix = name.removesuffix(".weight")
         for key, value in quantize_state(tensor.to(device), quantize).items():
             state[f"{prefix}.{key}"] = value

@@ -90,17 +90,11 @@ def load_examples(path: str | Path, stage: str, top_k: int | None = None, max_sa
     return examples[:max_samples] if max_samples is not None else examples
 
 
-def is_checkpoint(name: str | Path) -> bool:
-    """A Clara checkpoint folder, a training run's folder (its final/ model), an official CLaRa
-    checkpoint folder, or a hub checkpoint 'org/name:subfolder'."""
-    return names_clara_checkpoint(name)
-
-
 def load_model(name: str, stage: str, generation_top_k: int | None, dtype: torch.dtype = torch.float32,
                device: str = "cpu", seed: int = 0, quantize: str | None = None):
     """(model, untrained): a saved Clara checkpoint, or a fresh Clara on a base model."""
     torch.manual_seed(seed)  # a fresh model's adapters are random; make them reproducible
-    if is_checkpoint(name):
+    if names_clara_checkpoint(name):
         # The checkpoint's own stage is kept: asking for another would start fresh adapters.
         return Clara.from_pretrained(name, dtype=dtype, device=device, quantize=quantize), False
     config = ClaraConfig(training_stage=stage)

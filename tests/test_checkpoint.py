@@ -304,3 +304,16 @@ def test_a_checkpoint_trained_in_bf16_loads_in_fp32_and_back(tiny_base_dir, tmp_
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(CheckpointError, match="differ \\(same architecture, other weights\\)"):
         Clara.from_pretrained(tmp_path / "other")
+
+
+def test_names_clara_checkpoint_tells_checkpoints_and_runs_from_base_models(tmp_path):
+    from clara.checkpoint import names_clara_checkpoint
+
+    assert not names_clara_checkpoint(tmp_path) and not names_clara_checkpoint("smollm2-135m")
+    assert not names_clara_checkpoint(None) and not names_clara_checkpoint("")
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "clara.json").write_text("{}")
+    assert names_clara_checkpoint(run) and names_clara_checkpoint(run / "final")  # a run folder means its final/ model
+    (tmp_path / "clara.json").write_text("{}")
+    assert names_clara_checkpoint(tmp_path)

@@ -254,13 +254,6 @@ def test_generation_top_k_above_the_candidates_is_refused(tiny_clara, files, mon
     assert "--batch_size must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_output_prefix_and_checkpoint_detection(tmp_path):
+def test_output_prefix():
     assert E.output_prefix("out/pred.jsonl").as_posix() == "out/pred"
     assert E.output_prefix("out/pred").as_posix() == "out/pred"
-    assert not E.is_checkpoint(tmp_path) and not E.is_checkpoint("smollm2-135m")
-    run = tmp_path / "run"
-    (run / "final").mkdir(parents=True)
-    (run / "final" / "clara.json").write_text("{}")
-    assert E.is_checkpoint(run) and E.is_checkpoint(run / "final")  # a run folder means its final/ model
-    (tmp_path / "clara.json").write_text("{}")
-    assert E.is_checkpoint(tmp_path)
