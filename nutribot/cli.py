@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from clara.command import CommandParser, command_main
+from clara.quant import QUANT_KINDS
+from clara.weights import DTYPES
 from nutribot.retriever import MODES, ClaraRetriever, Reply, default_checkpoint
 
 PROG = "nutribot"
@@ -41,6 +43,12 @@ def _add_model_flags(parser) -> None:
     parser.add_argument("--cache_dir", default=None,
                         help="where compressed indexes are kept (default $NUTRIBOT_CACHE or ~/.cache/nutribot)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weights and compute dtype (default fp32; bf16 halves the memory of a large model)")
+    parser.add_argument("--quantize", choices=QUANT_KINDS, default=None,
+                        help="store the base's block weights nf4 or int8 (docs/quantization.md): a 7B checkpoint "
+                             "such as apple/CLaRa-7B-E2E then loads in 4 or 8 GiB; int8 answers fastest on a CPU "
+                             "(default: not quantized)")
 
 
 def build_parser() -> CommandParser:
@@ -83,7 +91,7 @@ def make_retriever(args, max_new_tokens: int = 96) -> ClaraRetriever:
     if kb is not None and not Path(kb).exists():
         raise FileNotFoundError(f"--kb {kb}: no such file or folder")
     return ClaraRetriever(kb, args.checkpoint, args.mode, cache_dir=args.cache_dir, device=args.device,
-                          max_new_tokens=max_new_tokens)
+                          dtype=args.dtype, quantize=args.quantize, max_new_tokens=max_new_tokens)
 
 
 def format_reply(reply: Reply, origin: str) -> str:

@@ -25,10 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from clara import Clara, MemoryIndex
-from clara.checkpoint import names_clara_checkpoint
+from clara.checkpoint import names_clara_checkpoint, weights_probe
 from clara.data.bm25 import BM25Index, top_indices
 from clara.lora import copy_adapter, lora_layers
 from clara.model import ENCODER, QUERY
+from clara.quant import QuantizedLinear, check_quant_kind
+from clara.weights import DTYPES
 from nutribot.filters import answer_warnings, filter_documents
 from nutribot.knowledge import Knowledge, Passage, load_knowledge
 from nutribot.safety import Contraindication, extract_contraindications
@@ -92,20 +94,28 @@ class Reply:
                 "documents": [d.to_json() for d in self.documents], "mode": self.mode}
 
 
-def load_model(checkpoint: str | os.PathLike, device: str = "cpu") -> Clara:
+def load_model(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "fp32",
+               quantize: str | None = None) -> Clara:
     """A Clara checkpoint (a folder, a training run, an official CLaRa checkpoint, or a hub checkpoint
-    'org/name:subfolder'), else a base model: an untrained Clara."""
+    'org/name:subfolder'), else a base model: an untrained Clara. dtype: "fp32", "bf16" or "fp16";
+    quantize: "nf4" or "int8" stores the base's block weights quantized (a 7B base in 4 or 8 GiB)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(sorted(DTYPES))}, got {dtype!r}")
+    settings = {"device": device, "dtype": DTYPES[dtype], "quantize": check_quant_kind(quantize)}
     if names_clara_checkpoint(checkpoint):
-        return Clara.from_pretrained(checkpoint, device=device)
-    return Clara.from_base(str(checkpoint), device=device)
+        return Clara.from_pretrained(checkpoint, **settings)
+    return Clara.from_base(str(checkpoint), **settings)
 
 
 def compressor_fingerprint(model: Clara) -> str:
     """sha256 of everything that decides a passage's memory: the encoder adapter, the memory rows,
-    the document length and compression rate, and the base's fingerprint."""
+    the document length and compression rate, the base (architecture and a probe of its weights),
+    and the numbers it computes in (dtype, and how its block weights are quantized, if they are)."""
     digest = hashlib.sha256()
     cfg = model.config
-    digest.update(f"{model.base_fingerprint}|{cfg.doc_max_length}|{cfg.n_mem_tokens}".encode())
+    quantized = sorted({m.kind for m in model.decoder.modules() if isinstance(m, QuantizedLinear)})
+    digest.update(f"{model.base_fingerprint}|{weights_probe(model.decoder)}|{cfg.doc_max_length}|{cfg.n_mem_tokens}|"
+                  f"{model.memory_embeddings.dtype}|{','.join(quantized) or 'unquantized'}".encode())
     tensors = [model.memory_embeddings]
     for layer in lora_layers(model.decoder).values():
         adapter = layer.adapters[ENCODER]
@@ -118,12 +128,13 @@ def compressor_fingerprint(model: Clara) -> str:
 class ClaraRetriever:
     def __init__(self, knowledge_base_path: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
                  mode: str = "clara", *, model: Clara | None = None, cache_dir: str | os.PathLike | None = None,
-                 device: str = "cpu", max_new_tokens: int = 96, progress: bool = True):
+                 device: str = "cpu", dtype: str = "fp32", quantize: str | None = None, max_new_tokens: int = 96,
+                 progress: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode, self.max_new_tokens, self.progress = mode, max_new_tokens, progress
         self.checkpoint = str(checkpoint or default_checkpoint()) if model is None else "(given model)"
-        self.model = model if model is not None else load_model(self.checkpoint, device)
+        self.model = model if model is not None else load_model(self.checkpoint, device, dtype, quantize)
         self.model.eval()
         if QUERY not in self.model.adapter_names:
             # A stage1 checkpoint has no query reasoner; stage2 would start it as the compressor.

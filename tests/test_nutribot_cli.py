@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nutribot import cli
 from nutribot.retriever import ClaraRetriever
@@ -43,6 +44,24 @@ def test_ask_json_is_exactly_the_documented_object(checkpoint, tmp_path, capsys)
     assert result["mode"] == "text" and len(result["documents"]) == 5
     assert result["contraindications"][0]["evidence"] == "Lipitor"
     assert "grapefruit" in result["contraindications"][0]["restricts"]
+
+
+def test_dtype_and_quantize_reach_the_model(checkpoint, tmp_path, capsys, monkeypatch):
+    seen = []
+    original = ClaraRetriever.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append((self.model.memory_embeddings.dtype, type(self.model.decoder.layers[0].mlp.down_proj.quantized).__name__))
+
+    monkeypatch.setattr(ClaraRetriever, "__init__", spy)
+    assert cli.main(["ask", "Is grapefruit safe?", "--patient", "takes Lipitor", "--json", "--dtype", "bf16",
+                     "--quantize", "int8", *flags(checkpoint, tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["contraindications"][0]["evidence"] == "Lipitor"
+    assert seen == [(torch.bfloat16, "QuantizedLinear")]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ask", "kale?", "--quantize", "int4", *flags(checkpoint, tmp_path)])
+    assert exit_.value.code == 2 and "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
 
 
 def test_batch_loads_the_model_once_and_answers_every_line(checkpoint, tmp_path, capsys, monkeypatch):

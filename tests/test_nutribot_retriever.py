@@ -87,6 +87,23 @@ def test_index_is_built_once_then_loaded_and_rebuilt_when_the_compressor_changes
     assert second.index_path() != path
 
 
+def test_a_bf16_int8_model_keeps_an_index_of_its_own_and_answers(shared):
+    from clara.quant import QuantizedLinear
+
+    full = tiny_retriever(shared)
+    small = ClaraRetriever(None, shared / "checkpoint", "clara", cache_dir=shared / "cache", dtype="bf16",
+                           quantize="int8", max_new_tokens=4, progress=False)
+    kinds = {m.kind for m in small.model.decoder.modules() if isinstance(m, QuantizedLinear)}
+    assert kinds == {"int8"} and small.model.memory_embeddings.dtype == torch.bfloat16
+    # Its memories are computed in other numbers: they must not be served from the fp32 index, or the reverse.
+    assert small.index_path() != full.index_path() and small.index_path().is_file()
+    assert small.index.vectors.shape == full.index.vectors.shape
+    reply = small.answer("Which greens should I eat more of?", "72-year-old on warfarin", top_k=2).to_json()
+    assert set(reply) == RESULT_KEYS and len(reply["documents"]) == 2 and reply["warnings"]
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ClaraRetriever(None, shared / "checkpoint", dtype="float64")
+
+
 @pytest.mark.parametrize("mode", ["clara", "text"])
 def test_answer_has_exactly_the_documented_shape(shared, mode):
     retriever = tiny_retriever(shared, mode)
