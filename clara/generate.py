@@ -33,9 +33,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [B, V] with every token in `seen` (a [B, V] bool mask) made less likely, as CTRL's
+    repetition penalty (and transformers' repetition_penalty): a positive logit is divided by the
+    penalty, a negative one multiplied by it. penalty 1.0 changes nothing."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
 @torch.no_grad()
 def check_generation_request(prompt_tokens: int, context: int, max_new_tokens: int, temperature: float,
-                             top_p: float) -> int:
+                             top_p: float, repetition_penalty: float = 1.0) -> int:
     """The number of new tokens to generate; a ValueError for a request that cannot be served.
 
     A prompt that fits the model's context but leaves less room than `max_new_tokens` generates
@@ -47,6 +57,8 @@ def check_generation_request(prompt_tokens: int, context: int, max_new_tokens: i
         raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be positive (1.0: none), got {repetition_penalty}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if prompt_tokens >= context:
@@ -69,6 +81,7 @@ def generate(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     stop_ids: set[int] | frozenset[int] = frozenset(),
     pad_id: int = 0,
     generator: torch.Generator | None = None,
@@ -79,23 +92,35 @@ def generate(
     The prompt is `input_ids` [B, L] or `inputs_embeds` [B, L, E] (CLaRa's memory vectors), with
     `attention_mask` [B, L] marking left padding. A row stops at its first token in `stop_ids`
     (which is kept in the output); after that it is filled with `pad_id`. `on_token` receives the
-    tokens [B] of every step, for streaming.
+    tokens [B] of every step, for streaming. `repetition_penalty` > 1 makes the tokens already in a
+    row (its prompt ids, not their padding, and the tokens it generated) less likely.
     """
     prompt = input_ids if input_ids is not None else inputs_embeds
     b, l = prompt.shape[:2]
     max_new_tokens = check_generation_request(l, model.config.max_position_embeddings, max_new_tokens,
-                                              temperature, top_p)
+                                              temperature, top_p, repetition_penalty)
     device = model.device
     if attention_mask is None:
         attention_mask = torch.ones(b, l, dtype=torch.long, device=device)
     cache = model.new_cache(b, l + max_new_tokens)
     out = model(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+    seen = None  # [B, V]: the tokens each row holds so far, for the repetition penalty
+    if repetition_penalty != 1.0:
+        counts = torch.zeros(b, out.logits.shape[-1], dtype=torch.long, device=device)
+        if input_ids is not None:
+            counts.scatter_add_(1, input_ids, attention_mask.long())  # padding adds 0
+        seen = counts > 0
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     new_tokens = []
     for step in range(max_new_tokens):
-        token = sample_next(out.logits[:, -1], temperature, top_p, generator)
+        logits = out.logits[:, -1]
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
+        token = sample_next(logits, temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
+        if seen is not None:
+            seen[torch.arange(b, device=device), token] = True
         new_tokens.append(token)
         if on_token is not None:
             on_token(token)
@@ -127,12 +152,14 @@ def generate_text(
     top_p: float = 1.0,
     system: str | None = None,
     seed: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> str:
     """One prompt in, the generated text out (special tokens dropped)."""
     ids = torch.tensor([prompt_ids(tokenizer, prompt, chat, system)], device=model.device)
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   stop_ids=tokenizer.stop_ids(), pad_id=tokenizer.pad_id, generator=generator)
+                   repetition_penalty=repetition_penalty, stop_ids=tokenizer.stop_ids(), pad_id=tokenizer.pad_id,
+                   generator=generator)
     return tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
 
 

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 means greedy (default 0)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 (default 1.0)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="above 1, tokens already in the prompt or the answer become less likely, as transformers' "
+                        "repetition_penalty (default 1.0: none)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: nondeterministic)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps (default cpu)")
@@ -61,7 +64,9 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         return "--prompt is empty: give the text to answer or continue"
     for bad, message in ((args.max_new_tokens < 1, f"--max_new_tokens must be at least 1, got {args.max_new_tokens}"),
                          (args.temperature < 0, f"--temperature must be 0 (greedy) or positive, got {args.temperature}"),
-                         (not 0.0 < args.top_p <= 1.0, f"--top_p must be in (0, 1], got {args.top_p}")):
+                         (not 0.0 < args.top_p <= 1.0, f"--top_p must be in (0, 1], got {args.top_p}"),
+                         (not args.repetition_penalty > 0,
+                          f"--repetition_penalty must be positive (1.0: none), got {args.repetition_penalty}")):
         if bad:
             return message
     return None
@@ -117,8 +122,8 @@ def continue_prompt(args: argparse.Namespace, device) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, stop_ids=tokenizer.stop_ids(), pad_id=tokenizer.pad_id, generator=generator,
-                       on_token=emit)
+                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_ids=tokenizer.stop_ids(),
+                       pad_id=tokenizer.pad_id, generator=generator, on_token=emit)
     for warning in caught:
         print(f"[clara.generate] warning: {warning.message}", file=sys.stderr)
     sys.stdout.write(stream.flush() + "\n")
@@ -136,7 +141,7 @@ def answer_from_documents(args: argparse.Namespace, device) -> int:
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
     emit, stream = token_printer(model.tokenizer)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.seed, on_token=emit)
+                    repetition_penalty=args.repetition_penalty, seed=args.seed, on_token=emit)
     t1 = time.perf_counter()
     question, docs = [args.prompt], [list(args.doc)]
     if get_stage(model.config.training_stage).typed_rows:  # compression pretraining, on paraphrase rows: it restates

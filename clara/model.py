@@ -124,6 +124,7 @@ class GenerationSettings:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy, as the official generate_* methods
     top_p: float = 1.0
+    repetition_penalty: float = 1.0  # > 1: tokens already generated become less likely (1.0: none)
     seed: int | None = None
     on_token: Callable[[torch.Tensor], None] | None = None  # each step's new tokens [B], for streaming
 
@@ -442,7 +443,8 @@ class Clara(nn.Module):
             with use_adapter(self.decoder, DECODER):
                 new = generate(self.decoder, inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                               top_p=settings.top_p, stop_ids=self.tokenizer.stop_ids(),
+                               top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+                               stop_ids=self.tokenizer.stop_ids(),
                                pad_id=self.tokenizer.pad_id, generator=generator, on_token=settings.on_token)
             return [self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in new]
 

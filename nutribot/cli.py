@@ -23,7 +23,7 @@ from typing import Sequence
 from clara.command import CommandParser, command_main
 from clara.quant import QUANT_KINDS
 from clara.weights import DTYPES
-from nutribot.retriever import MODES, ClaraRetriever, Reply, default_checkpoint
+from nutribot.retriever import MODES, REPETITION_PENALTY, ClaraRetriever, Reply, default_checkpoint
 
 PROG = "nutribot"
 
@@ -69,6 +69,9 @@ def build_parser() -> CommandParser:
     ask.add_argument("--json", action="store_true",
                      help="print the result as one JSON object (answer, warnings, contraindications, documents, mode)")
     ask.add_argument("--max_new_tokens", type=int, default=96, help="length limit of the answer (default 96)")
+    ask.add_argument("--repetition_penalty", type=float, default=REPETITION_PENALTY,
+                     help="above 1, words already in the answer become less likely (transformers' "
+                          f"repetition_penalty; default {REPETITION_PENALTY})")
     _add_model_flags(ask)
 
     index = commands.add_parser("index", help="compress the documents into a memory index (cached)",
@@ -86,12 +89,13 @@ def build_parser() -> CommandParser:
     return parser
 
 
-def make_retriever(args, max_new_tokens: int = 96) -> ClaraRetriever:
+def make_retriever(args, max_new_tokens: int = 96, repetition_penalty: float = REPETITION_PENALTY) -> ClaraRetriever:
     kb = args.kb
     if kb is not None and not Path(kb).exists():
         raise FileNotFoundError(f"--kb {kb}: no such file or folder")
     return ClaraRetriever(kb, args.checkpoint, args.mode, cache_dir=args.cache_dir, device=args.device,
-                          dtype=args.dtype, quantize=args.quantize, max_new_tokens=max_new_tokens)
+                          dtype=args.dtype, quantize=args.quantize, max_new_tokens=max_new_tokens,
+                          repetition_penalty=repetition_penalty)
 
 
 def format_reply(reply: Reply, origin: str) -> str:
@@ -141,7 +145,7 @@ def run_ask(args) -> int:
         raise ValueError(f"--top_k must be at least 1, got {args.top_k}")
     cases = read_batch(args.batch) if args.batch else [(args.query, args.patient)]
     started = time.perf_counter()
-    retriever = make_retriever(args, args.max_new_tokens)
+    retriever = make_retriever(args, args.max_new_tokens, args.repetition_penalty)
     loaded = time.perf_counter()
     log = logging.getLogger(PROG)
     log.info("documents: %s (%d passages); model loaded in %.1f s", retriever.knowledge.origin,

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from clara.generate import generate, sample_next
+from clara.generate import generate, penalize_repeats, sample_next
 from tiny_models import FAMILY_CONFIGS, greedy_by_recompute, tiny_model
 
 
@@ -121,6 +121,8 @@ def test_python_m_clara_generate_runs_the_command_line():
     (["--prompt", ""], "clara-generate: error: --prompt is empty: give the text to answer or continue"),
     (["--prompt", "hi", "--temperature", "-1"], "clara-generate: error: --temperature must be 0 (greedy) or positive, got -1.0"),
     (["--prompt", "hi", "--top_p", "0"], "clara-generate: error: --top_p must be in (0, 1], got 0.0"),
+    (["--prompt", "hi", "--repetition_penalty", "0"],
+     "clara-generate: error: --repetition_penalty must be positive (1.0: none), got 0.0"),
     (["--prompt", "hi", "--device", "foo"], "clara-generate: error: --device 'foo' is not a torch device (e.g. cpu, cuda, cuda:1, mps)"),
 ])
 def test_the_command_line_refuses_bad_requests_in_one_line_before_loading(flags, message, capsys):
@@ -134,6 +136,7 @@ def test_generation_requests_that_cannot_be_served_are_refused():
     model = tiny_model("llama_tied")  # context 256
     ids = torch.tensor([[1, 2, 3]])
     for kwargs, message in (({"temperature": -1.0}, "temperature must be 0 .greedy. or positive, got -1.0"),
+                            ({"repetition_penalty": 0.0}, r"repetition_penalty must be positive \(1.0: none\), got 0.0"),
                             ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
                             ({"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0")):
         with pytest.raises(ValueError, match=message):
@@ -149,3 +152,50 @@ def test_a_prompt_near_the_end_of_the_context_generates_what_fits_and_warns():
     with pytest.warns(UserWarning, match="generating at most 6 new tokens instead of 20"):
         new = generate(model, torch.ones(1, 250, dtype=torch.long), max_new_tokens=20)
     assert new.shape == (1, 6)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert penalize_repeats(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, -3.0]]
+    assert penalize_repeats(logits, seen, 1.0) is logits
+
+
+@pytest.mark.parametrize("prompt_as", ["ids", "embeds"])
+def test_repetition_penalty_matches_transformers_generate(prompt_as):
+    from hf_reference import make_pair
+
+    hf, ours = make_pair("llama2")  # untied: a tied tiny model repeats one token however it is penalized
+    start = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(11))
+    # The prompt ends with the model's own greedy words, which it would go on repeating.
+    ids = torch.cat([start, generate(ours, start, max_new_tokens=4)], 1)
+    embeds = ours.embed_tokens(ids).detach()
+    prompt = {"input_ids": ids} if prompt_as == "ids" else {"inputs_embeds": embeds}
+    plain = generate(ours, **prompt, max_new_tokens=24)
+    penalized = generate(ours, **prompt, max_new_tokens=24, repetition_penalty=1.8)
+    settings = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, repetition_penalty=1.8,
+                    eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        if prompt_as == "ids":
+            reference = hf.generate(ids, attention_mask=torch.ones_like(ids), **settings)[:, ids.shape[1]:]
+        else:  # transformers returns only the new tokens when it is given embeddings alone
+            reference = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), **settings)
+    assert torch.equal(penalized, reference)
+    assert len(set(penalized[0].tolist())) > len(set(plain[0].tolist()))  # fewer repeats than greedy
+    if prompt_as == "ids":  # the prompt's tokens are penalized too, which embeddings alone cannot say
+        assert not torch.equal(penalized, generate(ours, inputs_embeds=embeds, max_new_tokens=24, repetition_penalty=1.8))
+
+
+def test_repetition_penalty_ignores_padding_in_a_batch():
+    model = tiny_model("llama_tied")
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(1, 101, (n,), generator=g) for n in (8, 3)]
+    # The padding holds the token the short row says first: were padding penalized, that row would change.
+    first_word = generate(model, prompts[1][None], max_new_tokens=1, repetition_penalty=1.5)[0, 0]
+    ids = torch.full((2, 8), int(first_word), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, 8 - len(p):], mask[i, 8 - len(p):] = p, 1
+    batched = generate(model, ids, mask, max_new_tokens=16, repetition_penalty=1.5)
+    for i, p in enumerate(prompts):
+        assert torch.equal(batched[i], generate(model, p[None], max_new_tokens=16, repetition_penalty=1.5)[0])

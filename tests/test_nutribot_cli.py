@@ -46,19 +46,20 @@ def test_ask_json_is_exactly_the_documented_object(checkpoint, tmp_path, capsys)
     assert "grapefruit" in result["contraindications"][0]["restricts"]
 
 
-def test_dtype_and_quantize_reach_the_model(checkpoint, tmp_path, capsys, monkeypatch):
+def test_dtype_quantize_and_repetition_penalty_reach_the_model(checkpoint, tmp_path, capsys, monkeypatch):
     seen = []
     original = ClaraRetriever.__init__
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        seen.append((self.model.memory_embeddings.dtype, type(self.model.decoder.layers[0].mlp.down_proj.quantized).__name__))
+        seen.append((self.model.memory_embeddings.dtype, type(self.model.decoder.layers[0].mlp.down_proj.quantized).__name__,
+                     self.repetition_penalty))
 
     monkeypatch.setattr(ClaraRetriever, "__init__", spy)
     assert cli.main(["ask", "Is grapefruit safe?", "--patient", "takes Lipitor", "--json", "--dtype", "bf16",
-                     "--quantize", "int8", *flags(checkpoint, tmp_path)]) == 0
+                     "--quantize", "int8", "--repetition_penalty", "1.25", *flags(checkpoint, tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["contraindications"][0]["evidence"] == "Lipitor"
-    assert seen == [(torch.bfloat16, "QuantizedLinear")]
+    assert seen == [(torch.bfloat16, "QuantizedLinear", 1.25)]
     with pytest.raises(SystemExit) as exit_:
         cli.main(["ask", "kale?", "--quantize", "int4", *flags(checkpoint, tmp_path)])
     assert exit_.value.code == 2 and "--quantize: invalid choice: 'int4'" in capsys.readouterr().err

@@ -177,3 +177,22 @@ def test_an_answer_naming_restricted_items_carries_their_warnings(shared, monkey
         assert reply.answer == said
         for c, item in restricted_mentions(said, contraindications):
             assert any(c.name in w and item in w.lower() for w in reply.warnings), (context, item)
+
+
+@pytest.mark.parametrize("mode", ["clara", "text"])
+def test_the_repetition_penalty_reaches_generation(shared, mode, monkeypatch):
+    retriever = ClaraRetriever(None, shared / "checkpoint", mode, cache_dir=shared / "cache", max_new_tokens=4,
+                               repetition_penalty=1.4, progress=False)
+    method = ("generate_from_compressed_documents_and_questions" if mode == "clara" else
+              "generate_from_text_context")
+    original, calls = getattr(retriever.model, method), []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["repetition_penalty"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(retriever.model, method, spy)
+    retriever.answer("Which greens should I eat more of?", "on warfarin", top_k=2)
+    assert calls == [1.4]
+    with pytest.raises(ValueError, match="repetition_penalty must be positive"):
+        ClaraRetriever(None, shared / "checkpoint", mode, cache_dir=shared / "cache", repetition_penalty=0)
