@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 
 demo: $(STAMP)
 	$(VENV)/bin/nutribot ask --batch nutribot/demo_cases.jsonl --max_new_tokens 64
-	@echo "== the chat page and HTTP API: $(VENV)/bin/nutribot serve, then open http://127.0.0.1:8000/"
+	@echo "== the chat page and HTTP API: $(VENV)/bin/nutribot serve (or $(VENV)/bin/python run.py), then open http://127.0.0.1:8000/"
 
 # The pytest script, not `python -m pytest`: the latter puts the checkout on sys.path, where the
 # folder kernels/ would hide Hugging Face's `kernels` package from transformers.
