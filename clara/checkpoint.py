@@ -212,9 +212,16 @@ def resolve_checkpoint(name: str | os.PathLike, subfolder: str | None = None, *,
     base, base_model, dtype, device for that. A name that is none of these comes back as a path,
     for read_checkpoint_meta to say what it lacks.
     """
+    return resolve_or_convert(name, subfolder, model_class=model_class, **conversion)[0]
+
+
+def resolve_or_convert(name: str | os.PathLike, subfolder: str | None = None, *, model_class: type["Clara"],
+                       **conversion) -> tuple[Path, "Clara | None"]:
+    """resolve_checkpoint's folder, and the model when this call converted an official checkpoint
+    (else None): the conversion loaded the base once already, and a 7B base is slow to read twice."""
     found = find_clara_checkpoint(name) if subfolder is None else None
     if found is not None:
-        return found
+        return found, None
     path = Path(name).expanduser()
     if path.exists():
         folder = path / subfolder if subfolder else path
@@ -222,13 +229,13 @@ def resolve_checkpoint(name: str | os.PathLike, subfolder: str | None = None, *,
         if found is None and is_official_folder(folder):
             return converted_checkpoint(folder, local_conversion_dir(folder, conversion["dtype"]), model_class,
                                         **conversion)
-        return found or folder
+        return found or folder, None
     hub = parse_hub_checkpoint(name, subfolder)
     if hub is None:
-        return path
+        return path, None
     folder, commit = download_hub_checkpoint(hub)
     if (folder / CONFIG_FILE).is_file():
-        return folder  # our own format, uploaded as it is
+        return folder, None  # our own format, uploaded as it is
     if not is_official_folder(folder):
         hint = "" if hub.subfolder else f"; name the subfolder that holds it, as '{hub.repo_id}:SUBFOLDER'"
         raise CheckpointError(f"{hub}: holds neither {CONFIG_FILE} (a Clara checkpoint) nor "
@@ -239,17 +246,19 @@ def resolve_checkpoint(name: str | os.PathLike, subfolder: str | None = None, *,
 
 
 def converted_checkpoint(official_folder: Path, target: Path, model_class: type["Clara"], *, base: str | None,
-                         base_model, dtype: torch.dtype, device: str | torch.device, quantize: str | None = None) -> Path:
-    """`target`, holding the conversion of `official_folder`; made (and saved atomically) on first use."""
+                         base_model, dtype: torch.dtype, device: str | torch.device, quantize: str | None = None
+                         ) -> tuple[Path, "Clara | None"]:
+    """(`target`, holding the conversion of `official_folder`, made and saved atomically on first use;
+    the converted model when this call made it, else None)."""
     if (target / CONFIG_FILE).is_file():
-        return target
+        return target, None
     log.info("converting the official CLaRa checkpoint %s into %s (once)", official_folder, target)
     # The conversion modifies the base in place; a given base stays untouched for the load that follows.
     model = official_format.convert_official_checkpoint(
         official_folder, model_class, base=base, base_model=None if base_model is None else copy.deepcopy(base_model),
         dtype=dtype, device=device, quantize=quantize)  # a quantized base keeps a 7B conversion within a laptop's RAM
     save_clara(model, target)
-    return target
+    return target, model
 
 
 def read_checkpoint_meta(path: Path) -> dict:
@@ -325,11 +334,13 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     quantize: "nf4" or "int8" loads the base with its block weights quantized (clara/quant.py);
         a checkpoint holds no base weights, so any checkpoint loads either way.
     """
-    path = resolve_checkpoint(path, subfolder, model_class=model_class, base=base, base_model=base_model,
-                              dtype=dtype, device=device, quantize=quantize)
+    path, converted = resolve_or_convert(path, subfolder, model_class=model_class, base=base, base_model=base_model,
+                                         dtype=dtype, device=device, quantize=quantize)
     meta = read_checkpoint_meta(path)
     config = read_checkpoint_config(path, meta)
     saved_stage = config.training_stage
+    if converted is not None and not settings and training_stage in (None, saved_stage):
+        return converted  # what loading the conversion just saved would give, without reading the base again
     if settings:
         config = dataclasses.replace(config, **settings)
     # The files are checked before the base is loaded: a corrupted checkpoint costs no model load.

@@ -182,6 +182,29 @@ def test_local_official_folder_is_converted_once_too(hub, monkeypatch):
     assert_same_model(model, import_official_checkpoint(hub["source"]))
 
 
+def test_the_first_load_reads_the_base_once_and_equals_later_loads(hub, monkeypatch):
+    from clara import checkpoint as checkpoint_module
+    from clara.weights import load_base
+
+    reads = []
+
+    def counting_load_base(name, **kwargs):
+        reads.append(name)
+        return load_base(name, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "load_base", counting_load_base)
+    monkeypatch.setattr(official_format, "load_base", counting_load_base)
+    first = Clara.from_pretrained(f"{CLARA_REPO}:{SUBFOLDER}")
+    assert reads == [BASE_REPO]  # the conversion's base is the model's base: no second read
+    later = Clara.from_pretrained(f"{CLARA_REPO}:{SUBFOLDER}")
+    assert reads == [BASE_REPO, BASE_REPO]  # from the cached conversion: one read
+    assert_same_model(first, later)
+    assert first.config == later.config and first.adapter_names == later.adapter_names
+    # Another stage than the saved one builds other adapters: the conversion is loaded, not reused.
+    Clara.from_pretrained(f"{CLARA_REPO}:{SUBFOLDER}", training_stage="stage2")
+    assert reads == [BASE_REPO] * 3
+
+
 def test_names_that_mean_a_clara_checkpoint(hub):
     # No download: commands use this to choose between from_pretrained and from_base.
     assert names_clara_checkpoint(f"{CLARA_REPO}:{SUBFOLDER}") and names_clara_checkpoint(hub["source"])
