@@ -110,15 +110,21 @@ def load_model(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = 
     return Clara.from_base(str(checkpoint), **settings)
 
 
+def numerics(model: Clara) -> str:
+    """What a model computes in: its dtype, and how its base's block weights are quantized."""
+    quantized = sorted({m.kind for m in model.decoder.modules() if isinstance(m, QuantizedLinear)})
+    dtype = str(model.memory_embeddings.dtype).removeprefix("torch.")
+    return f"{dtype}, {'+'.join(quantized)} base" if quantized else dtype
+
+
 def compressor_fingerprint(model: Clara) -> str:
     """sha256 of everything that decides a passage's memory: the encoder adapter, the memory rows,
     the document length and compression rate, the base (architecture and a probe of its weights),
     and the numbers it computes in (dtype, and how its block weights are quantized, if they are)."""
     digest = hashlib.sha256()
     cfg = model.config
-    quantized = sorted({m.kind for m in model.decoder.modules() if isinstance(m, QuantizedLinear)})
     digest.update(f"{model.base_fingerprint}|{weights_probe(model.decoder)}|{cfg.doc_max_length}|{cfg.n_mem_tokens}|"
-                  f"{model.memory_embeddings.dtype}|{','.join(quantized) or 'unquantized'}".encode())
+                  f"{numerics(model)}".encode())
     tensors = [model.memory_embeddings]
     for layer in lora_layers(model.decoder).values():
         adapter = layer.adapters[ENCODER]

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from nutribot.retriever import ClaraRetriever, SearchResult
+from nutribot.retriever import ClaraRetriever, SearchResult, numerics
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_QUERY_CHARS = 2_000
@@ -76,6 +76,9 @@ class HealthResponse(BaseModel):
     mode: str
     documents: int
     knowledge: str
+    checkpoint: str
+    stage: str
+    numerics: str
 
 
 def _found_json(found: SearchResult) -> dict:
@@ -143,7 +146,8 @@ def create_app(retriever: ClaraRetriever) -> FastAPI:
     @app.get("/health", response_model=HealthResponse)
     def health():
         return {"status": "ok", "mode": retriever.mode, "documents": len(retriever.knowledge.passages),
-                "knowledge": retriever.knowledge.origin}
+                "knowledge": retriever.knowledge.origin, "checkpoint": retriever.checkpoint,
+                "stage": retriever.model.config.training_stage, "numerics": numerics(retriever.model)}
 
     @app.post("/search", response_model=SearchResponse)
     def search(request: AskRequest):

@@ -11,7 +11,7 @@ import torch
 
 from clara.data.knowledge_base import load_knowledge_base
 from nutribot.knowledge import BUILT_IN, load_knowledge
-from nutribot.retriever import ClaraRetriever, compressor_fingerprint
+from nutribot.retriever import ClaraRetriever, compressor_fingerprint, numerics
 from nutribot.safety import extract_contraindications
 from nutribot.filters import restricted_mentions
 from nutribot_helpers import tiny_retriever, write_tiny_checkpoint
@@ -95,6 +95,7 @@ def test_a_bf16_int8_model_keeps_an_index_of_its_own_and_answers(shared):
                            quantize="int8", max_new_tokens=4, progress=False)
     kinds = {m.kind for m in small.model.decoder.modules() if isinstance(m, QuantizedLinear)}
     assert kinds == {"int8"} and small.model.memory_embeddings.dtype == torch.bfloat16
+    assert (numerics(small.model), numerics(full.model)) == ("bfloat16, int8 base", "float32")
     # Its memories are computed in other numbers: they must not be served from the fp32 index, or the reverse.
     assert small.index_path() != full.index_path() and small.index_path().is_file()
     assert small.index.vectors.shape == full.index.vectors.shape

@@ -28,6 +28,8 @@ def client(tmp_path_factory):
 def test_health_and_openapi(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["mode"] == "clara" and health["documents"] == 182
+    assert health["checkpoint"].endswith("checkpoint") and health["stage"] == "stage1"
+    assert health["numerics"] == "float32"
     schema = client.get("/openapi.json").json()
     assert {"/ask", "/search", "/health"} <= set(schema["paths"])
     assert set(schema["components"]["schemas"]["AskResponse"]["properties"]) == {
