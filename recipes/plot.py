@@ -83,3 +83,28 @@ def write_bar_chart_png(path: str | Path, bars: Mapping[str, float], title: str,
     axes.grid(True, axis="y", alpha=0.3)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def write_line_chart_png(path: str | Path, lines: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str,
+                         xlabel: str, ylabel: str, *, log2_x: bool = False, markers: bool = False) -> Path:
+    """One line per entry of `lines` ({label: (xs, ys)}), with a legend; `log2_x` spaces the x axis
+    by powers of two and labels the given x values (compression rates)."""
+    if not lines:
+        raise ValueError("no line to draw")
+    for label, (xs, ys) in lines.items():
+        if len(xs) != len(ys) or not xs:
+            raise ValueError(f"line {label!r}: {len(xs)} x values and {len(ys)} y values")
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for label, (xs, ys) in lines.items():
+        axes.plot(xs, ys, marker="o" if markers else None, linewidth=1.5, label=label)
+    if log2_x:
+        axes.set_xscale("log", base=2)
+        ticks = sorted({x for xs, _ in lines.values() for x in xs})
+        axes.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, framealpha=0.9)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clara.recipes.args import IGNORED, LR_SCHEDULERS, build_parser, parse_args
-from clara.recipes.plot import write_bar_chart_png, write_loss_curve_png
+from clara.recipes.plot import write_bar_chart_png, write_line_chart_png, write_loss_curve_png
 from clara.recipes.schedule import lr_at, lr_factor
 from clara.recipes.train_config import TrainConfig
 from clara.recipes.train_state import (
@@ -352,6 +352,11 @@ def test_loss_curve_png_is_a_matplotlib_chart(tmp_path):
     grouped = write_bar_chart_png(tmp_path / "grouped.png", {}, "recall", "R@1",
                                   groups={"BM25": {"R@1": 0.9, "MRR": 0.93}, "CLaRa": {"R@1": 0.5, "MRR": 0.6}})
     assert read_png(grouped)[:2] == (640, 400)
+    lines = {"own docs": ([4, 8, 16, 32], [1.9, 2.0, 2.1, 2.2]), "no docs": ([4, 8, 16, 32], [2.3] * 4)}
+    chart = write_line_chart_png(tmp_path / "lines.png", lines, "NLL by compression rate", "CR", "nats", log2_x=True)
+    assert read_png(chart)[:2] == (640, 400) and read_png(chart)[5][b"tEXt"].startswith(b"Title\x00NLL by")
+    with pytest.raises(ValueError, match="line 'a': 2 x values and 1 y values"):
+        write_line_chart_png(tmp_path / "bad.png", {"a": ([1, 2], [1.0])}, "t", "x", "y")
 
 
 def test_loss_curve_png_rejects_bad_input(tmp_path):
