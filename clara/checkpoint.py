@@ -336,11 +336,11 @@ def load_clara(model_class: type["Clara"], path: str | os.PathLike, *, base: str
     """
     path, converted = resolve_or_convert(path, subfolder, model_class=model_class, base=base, base_model=base_model,
                                          dtype=dtype, device=device, quantize=quantize)
+    if converted is not None and not settings and training_stage in (None, converted.config.training_stage):
+        return converted  # what loading the conversion just saved would give, without reading the base again
     meta = read_checkpoint_meta(path)
     config = read_checkpoint_config(path, meta)
     saved_stage = config.training_stage
-    if converted is not None and not settings and training_stage in (None, saved_stage):
-        return converted  # what loading the conversion just saved would give, without reading the base again
     if settings:
         config = dataclasses.replace(config, **settings)
     # The files are checked before the base is loaded: a corrupted checkpoint costs no model load.

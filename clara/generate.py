@@ -43,6 +43,12 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalized, logits)
 
 
+def check_repetition_penalty(penalty: float) -> float:
+    if not penalty > 0:
+        raise ValueError(f"repetition_penalty must be positive (1.0: none), got {penalty}")
+    return penalty
+
+
 @torch.no_grad()
 def check_generation_request(prompt_tokens: int, context: int, max_new_tokens: int, temperature: float,
                              top_p: float, repetition_penalty: float = 1.0) -> int:
@@ -57,8 +63,7 @@ def check_generation_request(prompt_tokens: int, context: int, max_new_tokens: i
         raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be positive (1.0: none), got {repetition_penalty}")
+    check_repetition_penalty(repetition_penalty)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if prompt_tokens >= context:

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from clara import Clara, MemoryIndex
 from clara.checkpoint import names_clara_checkpoint, weights_probe
 from clara.data.bm25 import BM25Index, top_indices
+from clara.generate import check_repetition_penalty
 from clara.lora import copy_adapter, lora_layers
 from clara.model import ENCODER, QUERY
-from clara.quant import QuantizedLinear, check_quant_kind
+from clara.quant import check_quant_kind, quantized_layers
 from clara.weights import DTYPES
 from nutribot.filters import answer_warnings, filter_documents
 from nutribot.knowledge import Knowledge, Passage, load_knowledge
@@ -112,7 +113,7 @@ def load_model(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = 
 
 def numerics(model: Clara) -> str:
     """What a model computes in: its dtype, and how its base's block weights are quantized."""
-    quantized = sorted({m.kind for m in model.decoder.modules() if isinstance(m, QuantizedLinear)})
+    quantized = sorted({m.kind for m in quantized_layers(model.decoder).values()})
     dtype = str(model.memory_embeddings.dtype).removeprefix("torch.")
     return f"{dtype}, {'+'.join(quantized)} base" if quantized else dtype
 
@@ -141,8 +142,7 @@ class ClaraRetriever:
                  repetition_penalty: float = REPETITION_PENALTY, progress: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be positive (1.0: none), got {repetition_penalty}")
+        check_repetition_penalty(repetition_penalty)  # before the model is loaded
         self.mode, self.max_new_tokens, self.progress = mode, max_new_tokens, progress
         self.repetition_penalty = repetition_penalty
         self.checkpoint = str(checkpoint or default_checkpoint()) if model is None else "(given model)"
